@@ -1,0 +1,62 @@
+"""The lower-level loss: weighted DDPM task loss + output KD + feature KD (BK-SDM / the paper's KD objective)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .features import FeaturePair
+
+
+@dataclass
+class KDTargets:
+    """What the frozen teacher says about a batch, computed once per batch."""
+
+    eps: torch.Tensor
+    features: dict[str, torch.Tensor]
+
+
+def ddpm_loss(pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(pred, noise)
+
+
+def output_kd_loss(student_eps: torch.Tensor, teacher_eps: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(student_eps, teacher_eps)
+
+
+def feature_kd_loss(
+    student_feats: dict[str, torch.Tensor], teacher_feats: dict[str, torch.Tensor], pairs: list[FeaturePair]
+) -> torch.Tensor:
+    """Sum over pairs of the mean squared error; channel-pruned pairs compare the teacher's kept channels."""
+    total = torch.zeros((), device=next(iter(student_feats.values())).device)
+    for pair in pairs:
+        s = student_feats[pair.student]
+        t = teacher_feats[pair.teacher]
+        if pair.teacher_channels is not None:
+            t = t[:, list(pair.teacher_channels)]
+        total = total + F.mse_loss(s, t)
+    return total
+
+
+def kd_loss(
+    student_eps: torch.Tensor,
+    noise: torch.Tensor,
+    targets: KDTargets | None,
+    student_feats: dict[str, torch.Tensor],
+    pairs: list[FeaturePair],
+    w_task: float,
+    w_out: float,
+    w_feat: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total lower loss and its parts (as floats, for logging)."""
+    parts: dict[str, torch.Tensor] = {"task": ddpm_loss(student_eps, noise)}
+    total = w_task * parts["task"]
+    if targets is not None and w_out > 0:
+        parts["out_kd"] = output_kd_loss(student_eps, targets.eps)
+        total = total + w_out * parts["out_kd"]
+    if targets is not None and w_feat > 0 and pairs:
+        parts["feat_kd"] = feature_kd_loss(student_feats, targets.features, pairs)
+        total = total + w_feat * parts["feat_kd"]
+    return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -1,0 +1,94 @@
+"""The lower-level objective: KD fine-tuning of the student on clean (concept-free) data.
+
+draw() runs the frozen teacher once per batch (output and block features) so solvers that evaluate a batch
+several times pay for the teacher once; DDPM-only training skips the teacher entirely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import LossWeights
+from .features import FeaturePair, FeatureTap
+from .interfaces import Objective
+from .losses import KDTargets, kd_loss
+
+
+@dataclass
+class LowerBatch:
+    xt: torch.Tensor
+    t: torch.Tensor
+    cond: torch.Tensor
+    noise: torch.Tensor
+    targets: KDTargets | None
+
+
+class DrawCounter:
+    """Counter-based RNG: draw i uses a generator seeded by (seed, i), so a resumed run draws the same batches."""
+
+    def __init__(self, seed: int, salt: int) -> None:
+        self.seed, self.salt, self.count = seed, salt, 0
+
+    def next(self) -> torch.Generator:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.salt * 7_919 + self.count)
+        self.count += 1
+        return gen
+
+
+def make_lower_objective(
+    student: nn.Module,
+    teacher: nn.Module,
+    images: torch.Tensor,
+    cond_all: torch.Tensor,
+    uncond: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    weights: LossWeights,
+    pairs: list[FeaturePair],
+    batch_size: int,
+    counter: DrawCounter,
+    uncond_prob: float = 0.1,
+) -> Objective:
+    """images (N, C, H, W) with their prompt embeddings cond_all (N, T, D); uncond (T, D)."""
+    device = next(student.parameters()).device
+    use_teacher = weights.output > 0 or (weights.feature > 0 and bool(pairs))
+    feat_pairs = pairs if weights.feature > 0 else []
+    teacher_tap = FeatureTap(teacher, [p.teacher for p in feat_pairs]) if feat_pairs else None
+    student_tap = FeatureTap(student, [p.student for p in feat_pairs]) if feat_pairs else None
+
+    def draw() -> LowerBatch:
+        gen = counter.next()
+        idx = torch.randint(len(images), (batch_size,), generator=gen)
+        x0 = images[idx].to(device)
+        cond = cond_all[idx].clone().to(device)
+        drop = torch.rand(batch_size, generator=gen) < uncond_prob
+        cond[drop] = uncond.to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(len(alphas_cumprod), (batch_size,), generator=gen)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1).to(device)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        t = t.to(device)
+        targets = None
+        if use_teacher:
+            with torch.no_grad():
+                if teacher_tap:
+                    teacher_tap.clear()
+                eps_t = teacher(xt, t, encoder_hidden_states=cond).sample
+                feats = dict(teacher_tap.outputs) if teacher_tap else {}
+            targets = KDTargets(eps=eps_t, features=feats)
+        return LowerBatch(xt, t, cond, noise, targets)
+
+    def loss(batch: LowerBatch) -> torch.Tensor:
+        if student_tap:
+            student_tap.clear()
+        eps_s = student(batch.xt, batch.t, encoder_hidden_states=batch.cond).sample
+        total, parts = kd_loss(
+            eps_s, batch.noise, batch.targets, student_tap.outputs if student_tap else {}, feat_pairs,
+            weights.task, weights.output, weights.feature,
+        )  # fmt: skip
+        loss.last_parts = parts  # type: ignore[attr-defined]
+        return total
+
+    return Objective(draw=draw, loss=loss)

@@ -1,0 +1,49 @@
+"""Where teachers come from: the shipped tiny teacher or a local diffusers pipeline folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import BilevelError
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+TINY_TEACHER = ASSETS / "tiny-teacher"
+
+
+def resolve_source(source: str) -> Path:
+    if source == "tiny":
+        if not (TINY_TEACHER / "model_index.json").is_file():
+            raise BilevelError(
+                f"the shipped tiny teacher is missing at {TINY_TEACHER}; reinstall bilevel or run `bilevel teacher train`"
+            )
+        return TINY_TEACHER
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise BilevelError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        return path
+    raise BilevelError(f"model {source!r} not found; accepted: 'tiny' or a local diffusers pipeline folder")
+
+
+def load_tiny_pipeline(source: str = "tiny", device: str = "cpu"):
+    """Load a TinyTextToImagePipeline (weights through safetensors; no remote code)."""
+    import json
+
+    from .tinyworld.pipeline import TinyTextToImagePipeline
+
+    path = resolve_source(source)
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise BilevelError(f"corrupt {path / 'model_index.json'}: {exc}") from None
+    if index.get("_class_name") != TinyTextToImagePipeline.__name__:
+        raise BilevelError(
+            f"{path} holds a {index.get('_class_name')!r}; this build supports {TinyTextToImagePipeline.__name__} folders"
+        )
+    try:
+        pipe = TinyTextToImagePipeline.from_pretrained(str(path), use_safetensors=True, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise BilevelError(f"cannot load pipeline from {path}: {str(exc).splitlines()[0]}") from None
+    pipe.unet.eval().requires_grad_(False)
+    pipe.text_encoder.eval().requires_grad_(False)
+    return pipe.to(device)

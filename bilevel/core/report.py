@@ -1,0 +1,58 @@
+"""Results as people read them: rich tables on the terminal, JSON on disk, PNG image grids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+from rich.console import Console
+from rich.table import Table
+
+from .io import atomic_write_text
+
+console = Console()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return "-" if v is None else str(v)
+
+
+def results_table(title: str, rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> Table:
+    """columns: (key in row, header)."""
+    table = Table(title=title)
+    for _, header in columns:
+        table.add_column(header, justify="right" if header != "model" else "left")
+    for row in rows:
+        table.add_row(*[_fmt(row.get(k)) for k, _ in columns])
+    return table
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(Path(path), json.dumps(data, indent=2, default=str))
+
+
+def image_grid(rows: dict[str, torch.Tensor], path: Path, columns: int = 8, scale: int = 4, label_width: int = 80) -> None:
+    """A PNG grid: one row per prompt group (label on the left), images in [-1, 1], upscaled without blurring."""
+    if not rows:
+        return
+    first = next(iter(rows.values()))
+    h, w = first.shape[-2] * scale, first.shape[-1] * scale
+    pad = 2
+    canvas = Image.new("RGB", (label_width + columns * (w + pad), len(rows) * (h + pad)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, imgs) in enumerate(rows.items()):
+        y = r * (h + pad)
+        draw.text((4, y + h // 2 - 5), label, fill=(0, 0, 0))
+        for c, img in enumerate(imgs[:columns]):
+            arr = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+            tile = Image.fromarray(arr).resize((w, h), Image.NEAREST)
+            canvas.paste(tile, (label_width + c * (w + pad), y))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)

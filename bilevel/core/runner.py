@@ -1,0 +1,224 @@
+"""`bilevel run`: prune -> (baselines and) bilevel fine-tune -> evaluate -> report.
+
+Arms, all from the same pruned student, seed and number of steps:
+  teacher (unpruned), pruned (no training), ddpm (task loss only), kd (lower level only), bilevel (solver).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import LossWeights, RunConfig
+from .errors import BilevelError
+from .features import FeaturePair
+from .interfaces import BilevelProblem, CalibrationBatch, Objective, PruneResult, UnlearnContext, Unlearner
+from .io import atomic_write_text
+from .lower_level import DrawCounter, make_lower_objective
+from .modelinfo import model_stats
+from .report import console, image_grid, results_table, write_json
+from .steps import lower_step
+from .student_io import make_manifest, save_student
+from .training import run_solver, warmup_schedule
+
+RUN_MARKER = "config.json"
+TABLE_COLUMNS = [
+    ("model", "model"),
+    ("params", "params"),
+    ("macs", "MACs"),
+    ("latency_ms", "latency ms"),
+    ("concept_rate", "concept rate"),
+    ("retained_accuracy", "retained acc"),
+    ("collateral", "collateral"),
+    ("swd", "SWD"),
+    ("train_seconds", "train s"),
+]
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    rows: list[dict[str, Any]]
+    histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+def prepare_output_dir(config: RunConfig) -> Path:
+    """Refuse to write into a folder holding another run unless told to overwrite."""
+    out = config.output.dir or Path("runs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BilevelError(f"output path {out} exists and is not a folder")
+    if (out / RUN_MARKER).exists() and not config.output.overwrite:
+        raise BilevelError(f"output folder {out} holds another run; pass --overwrite or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def resolve_plugins(config: RunConfig):
+    """Instantiate the chosen plugins, validating their options and the combination."""
+    from ..registry import get_registry
+
+    reg = get_registry()
+    pruner = reg.create("pruner", config.pruner.name, config.pruner.options)
+    unlearner = reg.create("unlearner", config.unlearner.name, config.unlearner.options)
+    solver = reg.create("solver", config.solver.name, config.solver.options)
+    coupling = getattr(solver.config, "coupling", "shared")
+    if coupling not in solver.couplings:
+        raise BilevelError(
+            f"solver {solver.name!r} does not support coupling {coupling!r}; supported: {', '.join(sorted(solver.couplings))}"
+        )
+    return pruner, unlearner, solver
+
+
+def resolved_config(config: RunConfig, pruner, unlearner, solver) -> dict[str, Any]:
+    data = config.model_dump(mode="json")
+    for key, plugin in (("pruner", pruner), ("unlearner", unlearner), ("solver", solver)):
+        data[key]["options"] = plugin.config.model_dump(mode="json")
+    return data
+
+
+def run(config: RunConfig) -> RunResult:
+    from .models import load_tiny_pipeline
+    from .tinyworld.evaluation import evaluate_tiny
+    from .tinyworld.world import TinyWorld
+
+    torch.manual_seed(config.training.seed)
+    pruner, unlearner, solver = resolve_plugins(config)
+    pipe = load_tiny_pipeline(config.model.source, config.model.device)
+    world = TinyWorld.build(
+        pipe, config.concepts, config.data.finetune_size, config.data.concept_size, config.data.seed, config.model.device
+    )
+    out = prepare_output_dir(config)
+    write_json(out / RUN_MARKER, resolved_config(config, pruner, unlearner, solver))
+    console.print(f"[bold]bilevel run[/] -> {out}  (pruner={pruner.name}, unlearner={unlearner.name}, solver={solver.name})")
+
+    teacher = world.teacher
+    calibration = _calibration(world, config)
+    t0 = time.perf_counter()
+    pruned: PruneResult = pruner.prune(teacher, calibration)
+    prune_seconds = time.perf_counter() - t0
+    pairs = pruned.feature_pairs
+    save_student(out / "students" / "pruned", pruned.student, make_manifest(pruned.student, pairs, **pruned.manifest))
+
+    ev = config.evaluation
+    rows: list[dict[str, Any]] = []
+    grids: dict[str, dict[str, torch.Tensor]] = {}
+    histories: dict[str, list[dict[str, Any]]] = {}
+
+    def evaluate(label: str, unet: nn.Module, extra: dict[str, Any]) -> None:
+        result = evaluate_tiny(unet, world, samples_per_colour=ev.samples_per_prompt, steps=ev.steps, guidance=ev.guidance, seed=ev.seed)
+        stats = model_stats(unet, latency_batch=64, repeats=ev.latency_repeats)
+        rows.append({"model": label, **stats.to_json(), **result.metrics, **extra, "per_colour": result.per_colour})
+        grids[label] = result.images
+        image_grid(result.images, out / "grids" / f"{label}.png")
+
+    if "teacher" in config.arms:
+        evaluate("teacher", teacher, {})
+    if "pruned" in config.arms:
+        evaluate("pruned", pruned.student, {"prune_seconds": prune_seconds})
+    tc = config.training
+    for arm in [a for a in config.arms if a in ("ddpm", "kd", "bilevel")]:
+        student = copy.deepcopy(pruned.student).train()
+        weights = LossWeights(task=1.0, output=0.0, feature=0.0) if arm == "ddpm" else tc.weights
+        t0 = time.perf_counter()
+        problem = _build_problem(student, world, config, weights, pairs, unlearner if arm == "bilevel" else None)
+        arm_solver = solver if arm == "bilevel" else _LowerOnly()
+        arm_solver.setup(problem)
+        histories[arm] = run_solver(problem, arm_solver, tc.steps, description=f"{arm} fine-tuning", log_every=tc.log_every)
+        train_seconds = time.perf_counter() - t0
+        student.eval()
+        save_student(out / "students" / arm, student, make_manifest(student, pairs, **pruned.manifest, arm=arm))
+        evaluate(arm, student, {"train_seconds": train_seconds})
+
+    write_json(out / "metrics.json", {"rows": rows, "histories": histories})
+    image_grid({f"{label}: {c}": imgs[c] for label, imgs in grids.items() for c in world.concepts}, out / "grids" / "concepts.png")
+    console.print(results_table(f"concept(s) {', '.join(config.concepts)}", rows, TABLE_COLUMNS))
+    atomic_write_text(out / "DONE", json.dumps({"finished": datetime.now().isoformat()}))
+    return RunResult(out, rows, histories)
+
+
+def _calibration(world, config: RunConfig) -> CalibrationBatch:
+    n = min(64, len(world.finetune))
+    return CalibrationBatch(
+        x0=world.finetune.images[:n], cond=world.bank(world.finetune.prompts[:n]), alphas_cumprod=world.alphas_cumprod
+    )
+
+
+def unlearn_context(student: nn.Module, world, config: RunConfig, run_dir: Path | None) -> UnlearnContext:
+    return UnlearnContext(
+        student=student,
+        teacher=world.teacher,
+        concepts=list(world.concepts),
+        concept_prompts=world.concept_prompts(),
+        retain_prompts=world.retain_prompts(),
+        encode=world.bank,
+        concept_images=world.concept_data.images,
+        concept_image_prompts=world.concept_data.prompts,
+        retain_images=world.finetune.images,
+        retain_image_prompts=world.finetune.prompts,
+        alphas_cumprod=world.alphas_cumprod,
+        scheduler_config=world.scheduler_config,
+        sample_shape=world.sample_shape,
+        run_dir=run_dir,
+        device=world.device,
+        seed=config.training.seed,
+    )
+
+
+def _build_problem(
+    student: nn.Module, world, config: RunConfig, weights: LossWeights, pairs: list[FeaturePair], unlearner: Unlearner | None
+) -> BilevelProblem:
+    tc = config.training
+    lower = make_lower_objective(
+        student, world.teacher, world.finetune.images, world.bank(world.finetune.prompts), world.bank.empty(1)[0],
+        world.alphas_cumprod, weights, pairs, tc.batch_size, DrawCounter(tc.seed, salt=1),
+    )  # fmt: skip
+    lower_params = dict(student.named_parameters())
+    lower_opt = torch.optim.AdamW(lower_params.values(), lr=tc.lower_lr, weight_decay=0.0)
+    if unlearner is None:
+        upper = Objective(draw=lambda: None, loss=lambda _: torch.zeros(()))
+        upper_params: dict[str, nn.Parameter] = {}
+        upper_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+        before = None
+    else:
+        ctx = unlearn_context(student, world, config, None)
+        unlearner.prepare(ctx)
+        counter = DrawCounter(tc.seed, salt=2)
+        upper = Objective(draw=counter.next, loss=lambda gen: unlearner.loss(ctx, tc.upper_batch_size, gen))
+        upper_params = unlearner.trainable_parameters(student)
+        if not upper_params:
+            raise BilevelError(f"unlearner {unlearner.name!r} selected no trainable parameters in this student")
+        upper_opt = torch.optim.AdamW(upper_params.values(), lr=tc.upper_lr, weight_decay=0.0)
+        before = lambda: unlearner.before_step(student)  # noqa: E731
+    return BilevelProblem(
+        model=student,
+        lower=lower,
+        upper=upper,
+        lower_params=lower_params,
+        upper_params=upper_params,
+        lower_optimizer=lower_opt,
+        upper_optimizer=upper_opt,
+        before_upper_step=before,
+        lower_scheduler=warmup_schedule(lower_opt, tc.warmup),
+        upper_scheduler=warmup_schedule(upper_opt, tc.warmup) if unlearner is not None else None,
+    )
+
+
+class _LowerOnly:
+    """The baselines' 'solver': lower-level steps only (DDPM-only or KD-only fine-tuning)."""
+
+    name = "lower-only"
+
+    def setup(self, problem: BilevelProblem) -> None:
+        pass
+
+    def step(self, problem: BilevelProblem, step: int) -> dict[str, float]:
+        return {"lower_loss": lower_step(problem)}

@@ -1,0 +1,10 @@
+"""Built-in pruners, registered through the `bilevel` entry-point group like any third-party plugin."""
+
+from ...registry.hookspecs import hookimpl
+
+
+@hookimpl
+def register_pruners(register) -> None:
+    from .magnitude import MagnitudePruner
+
+    register(MagnitudePruner)

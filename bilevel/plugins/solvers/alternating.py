@@ -1,0 +1,33 @@
+"""The paper's released scheme: one lower step every step, one upper step every k-th step, two optimisers
+over the same tensors (shared coupling) or over disjoint subsets (split)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ...core.interfaces import BilevelProblem, BilevelSolver
+from ...core.steps import gradient_step, lower_step
+
+
+class AlternatingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    upper_every: int = Field(2, gt=0, description="k: one upper step every k outer steps")
+    upper_steps: int = Field(1, gt=0, description="upper optimiser steps each time the upper level runs")
+
+
+class AlternatingSolver(BilevelSolver):
+    name = "alternating"
+    description = "Alternating first-order updates (the paper's released code): lower every step, upper every k."
+    Config = AlternatingConfig
+    couplings = frozenset({"shared", "split"})
+
+    def step(self, problem: BilevelProblem, step: int) -> dict[str, float]:
+        metrics = {"lower_loss": lower_step(problem)}
+        if (step + 1) % self.config.upper_every == 0:
+            for _ in range(self.config.upper_steps):
+                loss = problem.upper.loss(problem.upper.draw())
+                gradient_step(
+                    loss, problem.upper_params, problem.upper_optimizer, problem.before_upper_step, problem.upper_scheduler
+                )
+            metrics["upper_loss"] = float(loss.detach())
+        return metrics

@@ -1,0 +1,6 @@
+"""Plugin registry: pluggy hooks + the `bilevel` entry-point group."""
+
+from .hookspecs import hookimpl
+from .manager import PluginInfo, Registry, build_registry, get_registry
+
+__all__ = ["hookimpl", "PluginInfo", "Registry", "build_registry", "get_registry"]

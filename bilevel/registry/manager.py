@@ -1,0 +1,166 @@
+"""Discovers plugins through the `bilevel` entry-point group and keeps them by kind and name.
+
+A plugin that fails to import or register is recorded (and shown by `bilevel plugins`) while the rest keep
+working; BILEVEL_STRICT_PLUGINS=1 re-raises instead.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from types import ModuleType
+from typing import Any
+
+import pluggy
+from pydantic import BaseModel, ValidationError
+
+from ..core.errors import BilevelError
+from . import hookspecs
+
+KINDS = ("pruner", "unlearner", "solver")
+HOOK_FOR_KIND = {"pruner": "register_pruners", "unlearner": "register_unlearners", "solver": "register_solvers"}
+STRICT_ENV = "BILEVEL_STRICT_PLUGINS"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    kind: str
+    name: str
+    cls: type
+    source: str  # distribution (package) that registered it
+    version: str
+
+    def config_fields(self) -> dict[str, Any]:
+        return {k: f.default for k, f in self.cls.Config.model_fields.items()}
+
+
+@dataclass
+class LoadFailure:
+    source: str
+    error: str
+
+
+@dataclass
+class Registry:
+    plugins: dict[str, dict[str, PluginInfo]] = field(default_factory=lambda: {k: {} for k in KINDS})
+    failures: list[LoadFailure] = field(default_factory=list)
+    conflicts: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.plugins[kind])
+
+    def get(self, kind: str, name: str) -> PluginInfo:
+        if (kind, name) in self.conflicts:
+            raise BilevelError(
+                f"two plugins claim {kind} {name!r}: {' and '.join(self.conflicts[(kind, name)])}; uninstall one"
+            )
+        found = self.plugins[kind].get(name)
+        if found is None:
+            available = self.names(kind)
+            close = difflib.get_close_matches(name, available, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise BilevelError(f"unknown {kind} {name!r}; available: {', '.join(available) or 'none'}{hint}")
+        return found
+
+    def create(self, kind: str, name: str, options: dict[str, Any] | None = None) -> Any:
+        """Instantiate a plugin with validated options (unknown or invalid options are one-line errors)."""
+        info = self.get(kind, name)
+        return info.cls(validate_options(info, options or {}))
+
+
+def validate_options(info: PluginInfo, options: dict[str, Any]) -> BaseModel:
+    try:
+        return info.cls.Config(**options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "options"
+        accepted = ", ".join(info.cls.Config.model_fields) or "none"
+        raise BilevelError(
+            f"{info.kind} {info.name!r} option {where}: {err['msg']} (got {err.get('input')!r}); options: {accepted}"
+        ) from None
+
+
+def _strict() -> bool:
+    return os.environ.get(STRICT_ENV, "").lower() in {"1", "true", "yes"}
+
+
+def _check_plugin_class(kind: str, cls: type) -> None:
+    from ..core.interfaces import PLUGIN_BASES
+    from .. import PLUGIN_API_VERSION
+
+    base = PLUGIN_BASES[kind]
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise TypeError(f"{cls!r} registered as a {kind} but does not subclass {base.__name__}")
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no `name`")
+    if not (isinstance(cls.Config, type) and issubclass(cls.Config, BaseModel)):
+        raise TypeError(f"{cls.__name__}.Config must be a pydantic BaseModel")
+    if cls.api_version != PLUGIN_API_VERSION:
+        raise TypeError(f"{cls.__name__} targets plugin API {cls.api_version}, this bilevel provides {PLUGIN_API_VERSION}")
+
+
+def build_registry(extra_modules: dict[str, ModuleType] | None = None) -> Registry:
+    """Load every entry point in the `bilevel` group (plus `extra_modules`, for tests) and collect plugins."""
+    registry = Registry()
+    pm = pluggy.PluginManager("bilevel")
+    pm.add_hookspecs(hookspecs)
+    sources: dict[str, tuple[str, str]] = {}
+    candidates: list[tuple[str, str, str, Any]] = []
+    for ep in entry_points(group="bilevel"):
+        dist = getattr(ep, "dist", None)
+        candidates.append((ep.name, dist.name if dist else "?", dist.version if dist else "?", ep))
+    for name, module in (extra_modules or {}).items():
+        candidates.append((name, name, "local", module))
+    for ep_name, dist_name, version, target in candidates:
+        try:
+            module = target.load() if hasattr(target, "load") and not isinstance(target, ModuleType) else target
+            pm.register(module, name=f"{dist_name}:{ep_name}")
+            sources[f"{dist_name}:{ep_name}"] = (dist_name, version)
+        except Exception as exc:  # a broken third-party plugin must not take the others down
+            if _strict():
+                raise
+            registry.failures.append(LoadFailure(f"{dist_name}:{ep_name}", f"{type(exc).__name__}: {exc}"))
+    for kind in KINDS:
+        caller = getattr(pm.hook, HOOK_FOR_KIND[kind])
+        for impl in caller.get_hookimpls():
+            dist_name, version = sources.get(impl.plugin_name, (impl.plugin_name, "?"))
+
+            def register(cls: type, _kind: str = kind, _src: str = dist_name, _ver: str = version) -> None:
+                _check_plugin_class(_kind, cls)
+                _add(registry, PluginInfo(_kind, cls.name, cls, _src, _ver))
+
+            try:
+                impl.function(register=register)
+            except Exception as exc:
+                if _strict():
+                    raise
+                registry.failures.append(LoadFailure(impl.plugin_name, f"{type(exc).__name__}: {exc}"))
+    if _strict() and registry.conflicts:
+        (kind, name), owners = next(iter(registry.conflicts.items()))
+        raise BilevelError(f"two plugins claim {kind} {name!r}: {' and '.join(owners)}")
+    return registry
+
+
+def _add(registry: Registry, info: PluginInfo) -> None:
+    existing = registry.plugins[info.kind].get(info.name)
+    key = (info.kind, info.name)
+    if key in registry.conflicts:
+        registry.conflicts[key].append(f"{info.source} ({info.cls.__module__})")
+    elif existing is not None and existing.cls is not info.cls:
+        registry.conflicts[key] = [f"{existing.source} ({existing.cls.__module__})", f"{info.source} ({info.cls.__module__})"]
+        del registry.plugins[info.kind][info.name]
+    else:
+        registry.plugins[info.kind][info.name] = info
+
+
+_REGISTRY: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, built on first use."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        _REGISTRY = build_registry()
+    return _REGISTRY

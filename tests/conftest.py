@@ -1,0 +1,30 @@
+"""Shared fixtures. No test may reach the network: the hub is forced offline before anything imports it."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """The shipped tiny teacher pipeline (frozen)."""
+    from bilevel.core.models import load_tiny_pipeline
+
+    return load_tiny_pipeline("tiny")
+
+
+@pytest.fixture()
+def random_pipe():
+    """An untrained tiny pipeline: for tests that need the architecture, not the quality."""
+    from bilevel.core.tinyworld.architecture import build_tiny_pipeline
+
+    return build_tiny_pipeline(0)
