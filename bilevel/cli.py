@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--solver", help="bilevel solver plugin name")
     run.add_argument("--concept", action="append", help="concept to suppress (repeatable); tiny world: a colour")
     run.add_argument("--steps", type=int, help="outer training steps per trained arm")
-    run.add_argument("--arms", help="comma-separated arms: teacher,pruned,ddpm,kd,bilevel")
+    run.add_argument("--arms", help="comma-separated arms: teacher,pruned,ddpm,kd,bilevel,two-stage")
+    run.add_argument("--schedule", choices=["bilevel", "two-stage", "both"],
+                     help="bilevel (default arms), two-stage (fine-tune then erase, same step counts) or both")  # fmt: skip
     run.add_argument("--out", type=Path, help="output folder (default runs/run-<time>)")
     run.add_argument("--overwrite", action="store_true", help="reuse an output folder that holds another run")
     run.add_argument("--device", help="torch device, e.g. cpu or cuda")
@@ -48,6 +50,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--guidance", type=float, default=2.0)
     ev.add_argument("--seed", type=int, default=1234)
     ev.add_argument("--out", type=Path, help="folder for report.json and grid.png")
+
+    prune = sub.add_parser("prune", help="prune a teacher and write the student (compression only)")
+    prune.add_argument("--model", default="tiny", help="teacher: 'tiny' or a local diffusers pipeline folder")
+    prune.add_argument("--pruner", default="magnitude", help="pruner plugin name")
+    prune.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                       help="pruner option, e.g. --set ratio=0.4 or --set variant=tiny")  # fmt: skip
+    prune.add_argument("--out", type=Path, required=True, help="folder for the student")
+    prune.add_argument("--overwrite", action="store_true", help="replace a student already in --out")
+    prune.add_argument("--device", default="cpu")
+
+    unlearn = sub.add_parser("unlearn", help="erase concept(s) from a model folder with one unlearner (standalone)")
+    unlearn.add_argument("model", help="'tiny', a pipeline folder, or a student folder written by bilevel")
+    unlearn.add_argument("--unlearner", default="esd", help="unlearner plugin name")
+    unlearn.add_argument("--concept", action="append", help="concept to erase (repeatable; default purple)")
+    unlearn.add_argument("--steps", type=int, default=200)
+    unlearn.add_argument("--lr", type=float, default=1e-3)
+    unlearn.add_argument("--batch-size", type=int, default=16)
+    unlearn.add_argument("--seed", type=int, default=0)
+    unlearn.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                         help="unlearner option, e.g. --set variant=full")  # fmt: skip
+    unlearn.add_argument("--out", type=Path, required=True, help="folder for the erased model")
+    unlearn.add_argument("--device", default="cpu")
 
     teacher = sub.add_parser("teacher", help="the tiny-world teacher")
     tsub = teacher.add_subparsers(dest="teacher_command", required=True, parser_class=_Parser)
@@ -97,6 +121,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         data["concepts"] = args.concept
     if args.arms:
         data["arms"] = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if args.schedule:
+        base = data.get("arms") or ["teacher", "pruned", "ddpm", "kd", "bilevel"]
+        base = [a for a in base if a not in ("bilevel", "two-stage")]
+        data["arms"] = base + {"bilevel": ["bilevel"], "two-stage": ["two-stage"], "both": ["bilevel", "two-stage"]}[args.schedule]
     if args.overwrite:
         data.setdefault("output", {})["overwrite"] = True
     for assignment in args.overrides:
@@ -112,6 +140,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .core.evaluate_cli import evaluate_model
 
     evaluate_model(args.model, args.concept or ["purple"], args.samples, args.steps, args.guidance, args.seed, args.out)
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .core.config import apply_override
+    from .core.prune_command import prune_to_folder
+
+    options: dict[str, Any] = {}
+    for assignment in args.options:
+        apply_override(options, assignment)
+    prune_to_folder(args.model, args.pruner, options, args.out, device=args.device, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_unlearn(args: argparse.Namespace) -> int:
+    from .core.config import apply_override
+    from .core.unlearn_command import unlearn_model
+
+    options: dict[str, Any] = {}
+    for assignment in args.options:
+        apply_override(options, assignment)
+    unlearn_model(
+        args.model, args.unlearner, options, args.concept or ["purple"], args.steps, args.lr, args.out,
+        batch_size=args.batch_size, seed=args.seed, device=args.device,
+    )  # fmt: skip
     return 0
 
 
@@ -172,7 +225,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "teacher": cmd_teacher, "plugins": cmd_plugins}
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "prune": cmd_prune, "unlearn": cmd_unlearn, "teacher": cmd_teacher, "plugins": cmd_plugins}
 
 if __name__ == "__main__":  # pragma: no cover
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

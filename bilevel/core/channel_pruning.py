@@ -45,7 +45,7 @@ def prune_unet_channels(
     """
     import torch_pruning as tp
 
-    student = copy.deepcopy(teacher).float().train()
+    student = copy.deepcopy(teacher).float().train().requires_grad_(True)
     wrapped = _Wrapped(student)
     from diffusers.models.attention_processor import Attention
 
@@ -83,6 +83,8 @@ def prune_unet_channels(
                     removed[producer_modules[module]].update(int(i) for i in idxs)
             group.prune()
     _fix_diffusers_attributes(student)
+    student.zero_grad(set_to_none=True)  # drop gradients a data-driven importance accumulated
+    student.requires_grad_(True)  # the copy inherits the frozen teacher's flags; a student is trained
     pairs = [
         FeaturePair(b, b, tuple(i for i in range(originals[b]) if i not in removed[b]) if removed[b] else None)
         for b in producers

@@ -7,10 +7,10 @@ run resolves them, so third-party plugins bring their own options without touchi
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -24,7 +24,19 @@ class Section(BaseModel):
 
 class PluginChoice(Section):
     name: str
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict, description="validated by the plugin's own Config")
+
+
+class PrunerChoice(PluginChoice):
+    name: str = "bk-sdm"
+
+
+class UnlearnerChoice(PluginChoice):
+    name: str = "esd"
+
+
+class SolverChoice(PluginChoice):
+    name: str = "alternating"
 
 
 class ModelConfig(Section):
@@ -50,11 +62,13 @@ class LossWeights(Section):
 
 
 class TrainingConfig(Section):
-    steps: int = Field(500, gt=0)
+    steps: int = Field(600, gt=0)
     batch_size: int = Field(32, gt=0)
     upper_batch_size: int = Field(16, gt=0)
-    lower_lr: float = Field(3e-4, gt=0)
-    upper_lr: float = Field(1.5e-3, gt=0, description="paper ratio: 5x the lower lr")
+    lower_lr: float = Field(1e-3, gt=0)
+    upper_lr: float = Field(
+        5e-4, gt=0, description="tiny world: 0.5x the lower lr (the paper's 5x with k=10 erased every colour here)"
+    )
     warmup: int = Field(25, ge=0)
     weights: LossWeights = Field(default_factory=LossWeights)
     seed: int = 0
@@ -70,7 +84,7 @@ class EvalConfig(Section):
     latency_repeats: int = Field(10, gt=0)
 
 
-Arm = Literal["teacher", "pruned", "ddpm", "kd", "bilevel"]
+Arm = Literal["teacher", "pruned", "ddpm", "kd", "bilevel", "two-stage"]
 
 
 class OutputConfig(Section):
@@ -85,9 +99,9 @@ class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     concepts: list[str] = Field(default_factory=lambda: ["purple"])
-    pruner: PluginChoice = Field(default_factory=lambda: PluginChoice(name="magnitude"))
-    unlearner: PluginChoice = Field(default_factory=lambda: PluginChoice(name="esd"))
-    solver: PluginChoice = Field(default_factory=lambda: PluginChoice(name="alternating"))
+    pruner: PrunerChoice = Field(default_factory=PrunerChoice)
+    unlearner: UnlearnerChoice = Field(default_factory=UnlearnerChoice)
+    solver: SolverChoice = Field(default_factory=SolverChoice)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     arms: list[Arm] = Field(default_factory=lambda: ["teacher", "pruned", "ddpm", "kd", "bilevel"])

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from .. import PLUGIN_API_VERSION
+from .features import FeaturePair
 
 
 class NoOptions(BaseModel):
@@ -59,7 +60,7 @@ class PruneResult:
 
     student: nn.Module
     manifest: dict[str, Any]
-    feature_pairs: list[tuple[str, str]]
+    feature_pairs: list[FeaturePair]
     notes: dict[str, Any] = field(default_factory=dict)
 
 

@@ -40,10 +40,23 @@ def load_tiny_pipeline(source: str = "tiny", device: str = "cpu"):
         raise BilevelError(
             f"{path} holds a {index.get('_class_name')!r}; this build supports {TinyTextToImagePipeline.__name__} folders"
         )
+    quiet_hub_libraries()
     try:
         pipe = TinyTextToImagePipeline.from_pretrained(str(path), use_safetensors=True, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise BilevelError(f"cannot load pipeline from {path}: {str(exc).splitlines()[0]}") from None
+    pipe.set_progress_bar_config(disable=True)
     pipe.unet.eval().requires_grad_(False)
     pipe.text_encoder.eval().requires_grad_(False)
     return pipe.to(device)
+
+
+def quiet_hub_libraries() -> None:
+    """diffusers/transformers progress bars and notices would drown bilevel's own progress and one-line errors."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()

@@ -17,11 +17,21 @@ console = Console()
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.3f}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, bool) or v is None:
+        return "-" if v is None else str(v)
     if isinstance(v, int):
-        return f"{v:,}"
-    return "-" if v is None else str(v)
+        return _si(v)
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def _si(n: int) -> str:
+    """Compact counts (params, MACs): 854.8K, 3.69M, 1.2G."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
 
 
 def results_table(title: str, rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> Table:

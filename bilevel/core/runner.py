@@ -25,7 +25,7 @@ from .io import atomic_write_text
 from .lower_level import DrawCounter, make_lower_objective
 from .modelinfo import model_stats
 from .report import console, image_grid, results_table, write_json
-from .steps import lower_step
+from .steps import gradient_step, lower_step
 from .student_io import make_manifest, save_student
 from .training import run_solver, warmup_schedule
 
@@ -34,10 +34,10 @@ TABLE_COLUMNS = [
     ("model", "model"),
     ("params", "params"),
     ("macs", "MACs"),
-    ("latency_ms", "latency ms"),
-    ("concept_rate", "concept rate"),
-    ("retained_accuracy", "retained acc"),
-    ("collateral", "collateral"),
+    ("latency_ms", "ms"),
+    ("concept_rate", "concept"),
+    ("retained_accuracy", "retained"),
+    ("collateral", "nearest"),
     ("swd", "SWD"),
     ("train_seconds", "train s"),
 ]
@@ -90,8 +90,12 @@ def run(config: RunConfig) -> RunResult:
     from .tinyworld.evaluation import evaluate_tiny
     from .tinyworld.world import TinyWorld
 
+    from .tinyworld.dataset import check_colours
+
     torch.manual_seed(config.training.seed)
     pruner, unlearner, solver = resolve_plugins(config)
+    if config.model.source == "tiny":
+        check_colours(config.concepts)  # fail before any loading
     pipe = load_tiny_pipeline(config.model.source, config.model.device)
     world = TinyWorld.build(
         pipe, config.concepts, config.data.finetune_size, config.data.concept_size, config.data.seed, config.model.device
@@ -125,18 +129,41 @@ def run(config: RunConfig) -> RunResult:
     if "pruned" in config.arms:
         evaluate("pruned", pruned.student, {"prune_seconds": prune_seconds})
     tc = config.training
-    for arm in [a for a in config.arms if a in ("ddpm", "kd", "bilevel")]:
-        student = copy.deepcopy(pruned.student).train()
-        weights = LossWeights(task=1.0, output=0.0, feature=0.0) if arm == "ddpm" else tc.weights
+
+    def train_arm(arm: str, start: nn.Module, arm_solver, unl: Unlearner | None, steps: int, weights: LossWeights):
+        student = copy.deepcopy(start).train().requires_grad_(True)
         t0 = time.perf_counter()
-        problem = _build_problem(student, world, config, weights, pairs, unlearner if arm == "bilevel" else None)
-        arm_solver = solver if arm == "bilevel" else _LowerOnly()
+        coupling = getattr(arm_solver.config, "coupling", "shared") if arm == "bilevel" else "shared"
+        problem = _build_problem(student, world, config, weights, pairs, unl, coupling)
         arm_solver.setup(problem)
-        histories[arm] = run_solver(problem, arm_solver, tc.steps, description=f"{arm} fine-tuning", log_every=tc.log_every)
-        train_seconds = time.perf_counter() - t0
-        student.eval()
+        history = run_solver(problem, arm_solver, steps, description=f"{arm} fine-tuning", log_every=tc.log_every)
+        return student.eval(), history, time.perf_counter() - t0
+
+    def finish(arm: str, student: nn.Module, seconds: float) -> None:
         save_student(out / "students" / arm, student, make_manifest(student, pairs, **pruned.manifest, arm=arm))
-        evaluate(arm, student, {"train_seconds": train_seconds})
+        evaluate(arm, student, {"train_seconds": seconds})
+
+    trained: dict[str, tuple[nn.Module, float]] = {}
+    for arm in [a for a in config.arms if a in ("ddpm", "kd", "bilevel")]:
+        weights = LossWeights(task=1.0, output=0.0, feature=0.0) if arm == "ddpm" else tc.weights
+        arm_solver = solver if arm == "bilevel" else _LowerOnly()
+        student, histories[arm], seconds = train_arm(
+            arm, pruned.student, arm_solver, unlearner if arm == "bilevel" else None, tc.steps, weights
+        )
+        trained[arm] = (student, seconds)
+        finish(arm, student, seconds)
+    if "two-stage" in config.arms:
+        # Fine-tune (KD, the lower level alone), then erase with the unlearner alone: as many lower and upper
+        # updates as the bilevel run makes, so the two schedules are compared at equal cost.
+        if "kd" in trained:
+            kd_student, kd_seconds = trained["kd"]
+        else:
+            kd_student, histories["kd"], kd_seconds = train_arm("kd", pruned.student, _LowerOnly(), None, tc.steps, tc.weights)
+        erase_steps = _upper_updates(histories.get("bilevel"), solver, tc.steps)
+        student, histories["two-stage"], seconds = train_arm(
+            "two-stage", kd_student, _UpperOnly(), unlearner, erase_steps, tc.weights
+        )
+        finish("two-stage", student, kd_seconds + seconds)
 
     write_json(out / "metrics.json", {"rows": rows, "histories": histories})
     image_grid({f"{label}: {c}": imgs[c] for label, imgs in grids.items() for c in world.concepts}, out / "grids" / "concepts.png")
@@ -174,8 +201,18 @@ def unlearn_context(student: nn.Module, world, config: RunConfig, run_dir: Path 
 
 
 def _build_problem(
-    student: nn.Module, world, config: RunConfig, weights: LossWeights, pairs: list[FeaturePair], unlearner: Unlearner | None
+    student: nn.Module,
+    world,
+    config: RunConfig,
+    weights: LossWeights,
+    pairs: list[FeaturePair],
+    unlearner: Unlearner | None,
+    coupling: str = "shared",
 ) -> BilevelProblem:
+    """The KD lower level and (for the bilevel arm) the unlearner's upper level over one student.
+
+    coupling 'split' gives the lower level every parameter the upper level does not train.
+    """
     tc = config.training
     lower = make_lower_objective(
         student, world.teacher, world.finetune.images, world.bank(world.finetune.prompts), world.bank.empty(1)[0],
@@ -196,8 +233,13 @@ def _build_problem(
         upper_params = unlearner.trainable_parameters(student)
         if not upper_params:
             raise BilevelError(f"unlearner {unlearner.name!r} selected no trainable parameters in this student")
+        if coupling == "split":
+            lower_params = {k: v for k, v in lower_params.items() if k not in upper_params}
+            if not lower_params:
+                raise BilevelError(f"split coupling leaves no parameters for the lower level: {unlearner.name!r} trains all")
+            lower_opt = torch.optim.AdamW(lower_params.values(), lr=tc.lower_lr, weight_decay=0.0)
         upper_opt = torch.optim.AdamW(upper_params.values(), lr=tc.upper_lr, weight_decay=0.0)
-        before = lambda: unlearner.before_step(student)  # noqa: E731
+        before = lambda: unlearner.before_step(student)
     return BilevelProblem(
         model=student,
         lower=lower,
@@ -206,16 +248,40 @@ def _build_problem(
         upper_params=upper_params,
         lower_optimizer=lower_opt,
         upper_optimizer=upper_opt,
+        coupling=coupling,
         before_upper_step=before,
         lower_scheduler=warmup_schedule(lower_opt, tc.warmup),
         upper_scheduler=warmup_schedule(upper_opt, tc.warmup) if unlearner is not None else None,
     )
 
 
+def _upper_updates(bilevel_history: list[dict[str, Any]] | None, solver, steps: int) -> int:
+    """How many upper updates the bilevel arm made (or, if it did not run, would make)."""
+    if bilevel_history:
+        return max(1, int(bilevel_history[-1].get("upper_updates", 0)))
+    return max(1, steps // int(getattr(solver.config, "upper_every", 1)))
+
+
+class _UpperOnly:
+    """The two-stage baseline's erase stage: upper-level (unlearning) steps only."""
+
+    name = "upper-only"
+    config = None
+
+    def setup(self, problem: BilevelProblem) -> None:
+        pass
+
+    def step(self, problem: BilevelProblem, step: int) -> dict[str, float]:
+        loss = problem.upper.loss(problem.upper.draw())
+        gradient_step(loss, problem.upper_params, problem.upper_optimizer, problem.before_upper_step, problem.upper_scheduler)
+        return {"upper_loss": float(loss.detach())}
+
+
 class _LowerOnly:
     """The baselines' 'solver': lower-level steps only (DDPM-only or KD-only fine-tuning)."""
 
     name = "lower-only"
+    config = None
 
     def setup(self, problem: BilevelProblem) -> None:
         pass

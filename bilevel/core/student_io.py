@@ -39,8 +39,9 @@ def describe_structure(model: nn.Module) -> dict[str, Any]:
     attrs: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
         found = {}
+        own = vars(module)  # instance attributes only: config-backed properties are not structure
         for a in RESIZED_ATTRS:
-            v = getattr(module, a, None)
+            v = own.get(a)
             if isinstance(v, (int, tuple, list)) and not isinstance(v, bool):
                 found[a] = list(v) if isinstance(v, tuple) else v
         if found:

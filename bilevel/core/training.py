@@ -11,7 +11,7 @@ import torch
 
 from .errors import NonFiniteLossError
 from .interfaces import BilevelProblem, BilevelSolver
-from .progress import progress_bar
+from .progress import console, progress_bar
 
 
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -32,10 +32,12 @@ def run_solver(
     """Run outer steps [start, steps); returns logged metrics (means over each log window)."""
     history: list[dict[str, Any]] = []
     window: dict[str, list[float]] = {}
+    upper_updates = 0
     t0 = time.perf_counter()
     with progress_bar(description, total=steps, completed=start) as advance:
         for step in range(start, steps):
             metrics = solver.step(problem, step)
+            upper_updates += "upper_loss" in metrics
             for k, v in metrics.items():
                 if not math.isfinite(v):
                     raise NonFiniteLossError(
@@ -45,10 +47,13 @@ def run_solver(
             advance(1, **{k: v for k, v in metrics.items() if k.endswith("loss")})
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 history.append(
-                    {"step": step + 1, "seconds": time.perf_counter() - t0}
+                    {"step": step + 1, "seconds": time.perf_counter() - t0, "upper_updates": upper_updates}
                     | {k: sum(v) / len(v) for k, v in window.items()}
                 )
                 window = {}
+                if not console.is_terminal:  # logs and CI: a line per window instead of a live bar
+                    shown = " ".join(f"{k}={v:.4g}" for k, v in history[-1].items() if k != "step")
+                    console.print(f"{description}: step {step + 1}/{steps} {shown}")
             if on_step is not None:
                 on_step(step + 1)
     return history

@@ -3,4 +3,4 @@
 from .hookspecs import hookimpl
 from .manager import PluginInfo, Registry, build_registry, get_registry
 
-__all__ = ["hookimpl", "PluginInfo", "Registry", "build_registry", "get_registry"]
+__all__ = ["PluginInfo", "Registry", "build_registry", "get_registry", "hookimpl"]

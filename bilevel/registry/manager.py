@@ -87,8 +87,8 @@ def _strict() -> bool:
 
 
 def _check_plugin_class(kind: str, cls: type) -> None:
-    from ..core.interfaces import PLUGIN_BASES
     from .. import PLUGIN_API_VERSION
+    from ..core.interfaces import PLUGIN_BASES
 
     base = PLUGIN_BASES[kind]
     if not (isinstance(cls, type) and issubclass(cls, base)):

@@ -28,7 +28,7 @@ class TeacherTrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     seed: int = 0
-    steps: int = Field(3000, gt=0)
+    steps: int = Field(5000, gt=0)
     batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0)
     warmup: int = Field(100, ge=0)
@@ -85,9 +85,14 @@ def train_teacher(config: TeacherTrainConfig, out_dir: Path, *, resume: bool = T
     pipe.unet = ema
     pipe.register_modules(unet=ema)
     pipe.save_pretrained(out_dir / "pipeline", safe_serialization=True)
-    (out_dir / "training.json").write_text(
-        json.dumps({"config": config.model_dump(), "seconds_this_session": time.time() - t0, "steps": config.steps}, indent=2)
-    )
+    summary = {
+        "config": config.model_dump(),
+        "seconds_this_session": time.time() - t0,
+        "steps": config.steps,
+        "first_step_this_session": start,
+        "losses_this_session": losses,
+    }
+    (out_dir / "training.json").write_text(json.dumps(summary, indent=1))
     return pipe
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...core.channel_pruning import check_forward, prune_unet_channels
-from ...core.interfaces import CalibrationBatch, PruneResult, Pruner
+from ...core.interfaces import CalibrationBatch, Pruner, PruneResult
 
 
 class MagnitudeConfig(BaseModel):
@@ -28,4 +28,6 @@ class MagnitudePruner(Pruner):
             teacher, tp.importance.MagnitudeImportance(p=cfg.p), cfg.ratio, keep_time_embedding=cfg.keep_time_embedding
         )
         check_forward(student)
-        return PruneResult(student=student, manifest={"pruner": self.name, "options": cfg.model_dump()}, feature_pairs=pairs)
+        return PruneResult(
+            student=student, manifest={"pruner": self.name, "options": cfg.model_dump()}, feature_pairs=pairs
+        )

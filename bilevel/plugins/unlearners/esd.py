@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from ...core.errors import BilevelError
 from ...core.interfaces import UnlearnContext, Unlearner
 from ...core.sampling import sample_trajectories
+from .common import noised
 
 
 class ESDConfig(BaseModel):
@@ -30,6 +32,12 @@ class ESDConfig(BaseModel):
     sample_steps: int = Field(25, gt=0, description="DDIM steps of the partial sampling")
     sample_guidance: float = Field(3.0, ge=0, description="guidance of the partial sampling")
     pool_size: int = Field(256, gt=0, description="frozen-model trajectories sampled once per run")
+    retain_weight: float = Field(
+        0.0,
+        ge=0,
+        description="extension, not in the paper: weight of ||eps(x_t, c_r) - sg(eps_frozen(x_t, c_r))||^2 on noised "
+        "retain images with their prompts (for use without a lower level, e.g. `bilevel unlearn`)",
+    )
 
 
 def esd_target(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, eta: float) -> torch.Tensor:
@@ -56,7 +64,7 @@ class ESD(Unlearner):
         self._pool_cond: torch.Tensor | None = None
         self._timesteps: torch.Tensor | None = None
 
-    def trainable_parameters(self, student):
+    def trainable_parameters(self, student: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         return select_parameters(student, self.config.variant)
 
     def prepare(self, ctx: UnlearnContext) -> None:
@@ -71,7 +79,9 @@ class ESD(Unlearner):
             )  # fmt: skip
             self._pool_cond = cond
 
-    def draw_xt(self, ctx: UnlearnContext, batch_size: int, gen: torch.Generator):
+    def draw_xt(
+        self, ctx: UnlearnContext, batch_size: int, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_t, t, concept embeddings) for one upper batch."""
         cfg: ESDConfig = self.config
         if cfg.xt_source == "sample":
@@ -80,21 +90,36 @@ class ESD(Unlearner):
             j = torch.randint(self._pool.shape[1], (batch_size,), generator=gen)
             return self._pool[i, j].to(ctx.device), self._timesteps[j].to(ctx.device), self._pool_cond[i]
         if ctx.concept_images is None:
-            raise ValueError("ESD with xt_source='data' needs concept images")
+            raise BilevelError("ESD with xt_source='data' needs concept images; use xt_source='sample'")
         i = torch.randint(ctx.concept_images.shape[0], (batch_size,), generator=gen)
         x0 = ctx.concept_images[i].to(ctx.device)
         t = torch.randint(len(ctx.alphas_cumprod), (batch_size,), generator=gen)
         a = ctx.alphas_cumprod[t].view(-1, 1, 1, 1).to(ctx.device)
         noise = torch.randn(x0.shape, generator=gen).to(ctx.device)
-        prompts = [ctx.concept_prompts[k % len(ctx.concept_prompts)] for k in i.tolist()]
+        if ctx.concept_image_prompts:  # each image with its own prompt (right concept when there are several)
+            prompts = [ctx.concept_image_prompts[k] for k in i.tolist()]
+        else:
+            prompts = [ctx.concept_prompts[k % len(ctx.concept_prompts)] for k in i.tolist()]
         return a.sqrt() * x0 + (1 - a).sqrt() * noise, t.to(ctx.device), ctx.encode(prompts)
 
     def loss(self, ctx: UnlearnContext, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         xt, t, cond = self.draw_xt(ctx, batch_size, generator)
         uncond = ctx.encode([""]).expand(len(xt), -1, -1)
         with torch.no_grad():
-            both = ctx.teacher(torch.cat([xt, xt]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
+            both = ctx.teacher(
+                torch.cat([xt, xt]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])
+            ).sample
             e_u, e_c = both.chunk(2)
             target = esd_target(e_u, e_c, self.config.eta)
-        pred = ctx.student(xt, t, encoder_hidden_states=cond).sample
-        return F.mse_loss(pred, target)
+        if self.config.retain_weight <= 0:
+            return F.mse_loss(ctx.student(xt, t, encoder_hidden_states=cond).sample, target)
+        if ctx.retain_images is None or not ctx.retain_image_prompts:
+            raise BilevelError("ESD retain_weight > 0 needs retain images; set retain_weight=0")
+        j = torch.randint(ctx.retain_images.shape[0], (batch_size,), generator=generator)
+        xr, tr, _ = noised(ctx.retain_images[j], ctx.alphas_cumprod, generator, ctx.device)
+        c_r = ctx.encode([ctx.retain_image_prompts[k] for k in j.tolist()])
+        with torch.no_grad():
+            retain_target = ctx.teacher(xr, tr, encoder_hidden_states=c_r).sample
+        out = ctx.student(torch.cat([xt, xr]), torch.cat([t, tr]), encoder_hidden_states=torch.cat([cond, c_r])).sample
+        pred, pred_r = out.split([len(xt), len(xr)])
+        return F.mse_loss(pred, target) + self.config.retain_weight * F.mse_loss(pred_r, retain_target)

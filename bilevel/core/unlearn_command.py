@@ -1,0 +1,226 @@
+"""`bilevel unlearn`: erase concepts from a model with one unlearner alone (no pruning, no lower level).
+
+The model is the shipped tiny teacher ("tiny"), a tiny pipeline folder, or a student folder written by
+`bilevel run`/`bilevel prune`/`bilevel unlearn` (paired with a pipeline's text encoder and scheduler). The frozen
+reference the unlearner compares against (`UnlearnContext.teacher`) is a frozen copy of the model being erased.
+Only the unlearner's parameters train (AdamW, weight decay 0, so mask-based unlearners keep masked weights exactly).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import BilevelError, NonFiniteLossError
+from .interfaces import UnlearnContext, Unlearner
+from .progress import progress_bar
+from .report import console, image_grid, results_table, write_json
+from .student_io import MANIFEST, make_manifest, read_manifest, save_student
+
+RESULT_FILE = "unlearn.json"
+COLUMNS = [
+    ("model", "model"),
+    ("concept_rate", "concept rate"),
+    ("retained_accuracy", "retained acc"),
+    ("collateral", "collateral"),
+    ("swd", "SWD"),
+    ("train_seconds", "train s"),
+]
+_STRUCTURE_KEYS = {"format", "config", "shapes", "module_attrs", "feature_pairs"}
+
+
+@dataclass(frozen=True)
+class Recommended:
+    """Settings measured to erase a tiny-world colour from the shipped teacher (benchmarks/unlearn_alone.py)."""
+
+    steps: int
+    lr: float
+    batch_size: int = 16
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+#: Per built-in unlearner: what `bilevel unlearn` uses when steps/lr/options are not given. The plugins' own
+#: defaults follow the papers (in a bilevel run the lower level keeps the other concepts). Used alone, erasing a
+#: colour also costs its neighbours unless a retain term holds them: ESD and Concept Ablation get the retain
+#: extension (teacher outputs on retain images), SalUn a stronger alpha and the frozen model's relabelled target.
+#: Measured on the shipped tiny teacher, concept "purple" (benchmarks/unlearn_alone.py).
+RECOMMENDED: dict[str, Recommended] = {
+    "esd": Recommended(steps=200, lr=3e-4, options={"retain_weight": 2.0}),
+    "concept-ablation": Recommended(steps=200, lr=3e-4, options={"retain_weight": 5.0}),
+    "salun": Recommended(steps=200, lr=3e-4, options={"alpha": 5.0, "target_model": "frozen"}),
+}
+
+
+@dataclass
+class UnlearnResult:
+    out_dir: Path
+    before: dict[str, Any]
+    after: dict[str, Any]
+    history: list[dict[str, float]]
+
+
+def load_model(model: str, pipeline: str = "tiny", device: str = "cpu") -> tuple[Any, nn.Module, dict[str, Any]]:
+    """(pipeline for text encoder/scheduler, UNet to erase, manifest extras to carry over).
+
+    `model`: 'tiny', a pipeline folder (model_index.json) or a student folder (manifest.json); a student is paired
+    with `pipeline`'s text encoder and scheduler.
+    """
+    from .models import load_tiny_pipeline
+    from .student_io import load_student
+
+    path = Path(model).expanduser()
+    if model != "tiny" and path.is_dir() and (path / MANIFEST).is_file():
+        read_manifest(path)  # one-line error for a foreign or corrupt manifest
+        unet, manifest = load_student(path, device)
+        pipe = load_tiny_pipeline(pipeline, device)
+        extras = {k: v for k, v in manifest.items() if k not in _STRUCTURE_KEYS}
+        return pipe, unet, extras
+    if model != "tiny" and not path.exists():
+        raise BilevelError(f"model {model!r} not found; accepted: 'tiny', a pipeline folder or a student folder")
+    if model != "tiny" and path.is_dir() and not (path / "model_index.json").is_file():
+        raise BilevelError(f"{path} is neither a pipeline folder (model_index.json) nor a student folder ({MANIFEST})")
+    pipe = load_tiny_pipeline(model, device)
+    return pipe, pipe.unet, {}
+
+
+def build_context(
+    student: nn.Module, reference: nn.Module, world: Any, run_dir: Path | None, seed: int
+) -> UnlearnContext:
+    """Like runner.unlearn_context, but the frozen reference is the model being erased, not the pipeline's UNet."""
+    return UnlearnContext(
+        student=student,
+        teacher=reference,
+        concepts=list(world.concepts),
+        concept_prompts=world.concept_prompts(),
+        retain_prompts=world.retain_prompts(),
+        encode=world.bank,
+        concept_images=world.concept_data.images,
+        concept_image_prompts=world.concept_data.prompts,
+        retain_images=world.finetune.images,
+        retain_image_prompts=world.finetune.prompts,
+        alphas_cumprod=world.alphas_cumprod,
+        scheduler_config=world.scheduler_config,
+        sample_shape=world.sample_shape,
+        run_dir=run_dir,
+        device=world.device,
+        seed=seed,
+    )
+
+
+def train_unlearner(
+    unlearner: Unlearner, ctx: UnlearnContext, *, steps: int, lr: float, batch_size: int, seed: int, log_every: int = 25
+) -> list[dict[str, float]]:
+    """prepare -> AdamW (weight decay 0) over the unlearner's parameters only, `steps` steps. Returns the loss log."""
+    student = ctx.student
+    student.train().requires_grad_(True)
+    unlearner.prepare(ctx)
+    params = unlearner.trainable_parameters(student)
+    if not params:
+        raise BilevelError(f"unlearner {unlearner.name!r} selected no trainable parameters in this model")
+    chosen = {id(p) for p in params.values()}
+    for p in student.parameters():
+        p.requires_grad_(id(p) in chosen)
+    opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
+    history: list[dict[str, float]] = []
+    with progress_bar(f"unlearning ({unlearner.name})", total=steps) as advance:
+        for step in range(steps):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            loss = unlearner.loss(ctx, batch_size, gen)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"unlearning loss became {loss.item()} at step {step}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            unlearner.before_step(student)
+            opt.step()
+            value = float(loss.detach())
+            if step % log_every == 0 or step == steps - 1:
+                history.append({"step": step, "loss": value})
+            advance(1, loss=value)
+    student.eval().requires_grad_(False)
+    return history
+
+
+def unlearn_model(
+    model: str,
+    unlearner_name: str,
+    options: dict[str, Any],
+    concepts: list[str],
+    steps: int,
+    lr: float,
+    out: Path,
+    *,
+    batch_size: int = 16,
+    seed: int = 0,
+    pipeline: str = "tiny",
+    device: str = "cpu",
+    samples_per_colour: int = 32,
+    eval_steps: int = 25,
+    eval_guidance: float = 2.0,
+    eval_seed: int = 1234,
+    finetune_size: int = 4096,
+    concept_size: int = 512,
+    data_seed: int = 0,
+    evaluate: bool = True,
+) -> UnlearnResult:
+    """Erase `concepts` from `model` with one unlearner, save the result as a student in `out`, evaluate before/after."""
+    from ..registry import get_registry
+    from .tinyworld.dataset import check_colours
+    from .tinyworld.evaluation import evaluate_tiny
+    from .tinyworld.world import TinyWorld
+
+    if steps <= 0:
+        raise BilevelError(f"steps must be positive, got {steps}")
+    if not lr > 0:
+        raise BilevelError(f"lr must be positive, got {lr}")
+    if batch_size <= 0:
+        raise BilevelError(f"batch size must be positive, got {batch_size}")
+    concepts = [c.strip() for c in concepts]
+    if not concepts:
+        raise BilevelError("at least one concept is needed")
+    check_colours(concepts)  # before any loading: a typo fails at once
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise BilevelError(f"output path {out} exists and is not a folder")
+    src = Path(model).expanduser()
+    if model != "tiny" and src.exists() and out.resolve() == src.resolve():
+        raise BilevelError(f"output folder {out} is the input model; choose another output folder")
+
+    unlearner = get_registry().create("unlearner", unlearner_name, options)
+    torch.manual_seed(seed)
+    pipe, original, extras = load_model(model, pipeline, device)
+    world = TinyWorld.build(pipe, concepts, finetune_size, concept_size, data_seed, device)
+    reference = copy.deepcopy(original).eval().requires_grad_(False)
+    student = copy.deepcopy(original)
+    out.mkdir(parents=True, exist_ok=True)
+    console.print(
+        f"[bold]bilevel unlearn[/] {model} -> {out}  (unlearner={unlearner.name}, concepts={', '.join(concepts)})"
+    )
+
+    def measure(label: str, unet: nn.Module, extra: dict[str, Any]) -> dict[str, Any]:
+        result = evaluate_tiny(
+            unet, world, samples_per_colour=samples_per_colour, steps=eval_steps, guidance=eval_guidance, seed=eval_seed
+        )
+        image_grid({f"{label}: {c}": result.images[c] for c in result.images}, out / "grids" / f"{label}.png")
+        return {"model": label, **result.metrics, **extra, "per_colour": result.per_colour}
+
+    before = measure("before", reference, {}) if evaluate else {}
+    ctx = build_context(student, reference, world, out, seed)
+    t0 = time.perf_counter()
+    history = train_unlearner(unlearner, ctx, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    train_seconds = time.perf_counter() - t0
+    info = {"unlearner": unlearner.name, "options": unlearner.config.model_dump(mode="json"), "concepts": concepts,
+            "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "source": model}  # fmt: skip
+    previous = extras.pop("unlearned", [])  # a student erased before keeps the record of every pass
+    previous = [previous] if isinstance(previous, dict) else list(previous)
+    save_student(out, student, make_manifest(student, [], **extras, unlearned=[*previous, info]))
+    after = measure("after", student, {"train_seconds": train_seconds}) if evaluate else {}
+    write_json(out / RESULT_FILE, {**info, "before": before, "after": after, "history": history})
+    if evaluate:
+        console.print(results_table(f"unlearn {', '.join(concepts)} with {unlearner.name}", [before, after], COLUMNS))
+    return UnlearnResult(out, before, after, history)

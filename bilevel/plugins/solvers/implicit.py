@@ -1,0 +1,167 @@
+"""Implicit-function-theorem hypergradient: d_x F - d2_xy G . [d2_yy G]^-1 d_y F, solved with CG or Neumann."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ...core.functional import (
+    Coupled,
+    check_coupling,
+    double_backward_attention,
+    explain_missing_double_backward,
+    swap_parameters,
+)
+from ...core.hypergrad import (
+    HVP,
+    Tensors,
+    conjugate_gradient,
+    grads_or_zeros,
+    hvp_autograd,
+    hvp_finite_difference,
+    implicit_hypergrad,
+    neumann,
+)
+from ...core.interfaces import BilevelProblem, BilevelSolver
+from ...core.steps import gradient_step
+
+
+class ImplicitConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    coupling: Literal["shared", "proximal", "split"] = Field(
+        "proximal", description="proximal (anchor x, lower pulled towards it) or split (disjoint subsets); not shared"
+    )
+    mu: float = Field(
+        1.0, gt=0, description="proximal coupling: G = L_low(y) + mu/2 ||y - x||^2 (also makes H + mu I SPD)"
+    )
+    lower_steps: int = Field(1, gt=0, description="lower optimiser steps per outer step (y tracks y*(x))")
+    upper_every: int = Field(1, gt=0, description="compute the hypergradient every k-th outer step")
+    linear_solver: Literal["cg", "neumann"] = Field("cg", description="how H v = d_y F is solved")
+    iters: int = Field(
+        5, gt=0, description="CG iterations or Neumann terms, i.e. HVPs per hypergradient (set explicitly)"
+    )
+    damping: float = Field(0.0, ge=0, description="solve (H + damping I) v = d_y F; > 0 guards against indefinite H")
+    neumann_alpha: float = Field(0.01, gt=0, description="Neumann step; needs alpha < 2 / lambda_max(H)")
+    hvp: Literal["autograd", "finite-difference"] = Field(
+        "autograd", description="HVPs by double backward, or by differences of gradients (first derivatives only)"
+    )
+    fd_eps: float = Field(1e-3, gt=0, description="finite-difference step, relative to max(1, ||y||)")
+    fd_scheme: Literal["central", "forward"] = Field(
+        "central", description="central: 2 grads per HVP, O(h^2) error; forward: 1, O(h)"
+    )
+    math_attention: bool = Field(
+        True, description="autograd HVPs run attention on the math kernel (flash attention has no double backward)"
+    )
+
+
+class ImplicitSolver(BilevelSolver):
+    """Lower optimiser steps on G, then the IFT hypergradient at the current y (an approximation of y*(x)).
+
+    Couplings: 'proximal' (x is an anchor copy, G = L_low(y) + mu/2 ||y - x||^2, so d2_xy G = -mu I and the
+    hypergradient is mu (H + mu I)^-1 d_y F: the mu I term keeps CG well posed on a network's indefinite Hessian;
+    the upper optimiser steps the anchor, the model keeps y) and 'split' (x = upper_params, y = lower_params,
+    disjoint). Not 'shared': with x and y the same tensors y*(x) is not a function of a separate upper variable.
+    Memory is independent of `iters`; every graph is local to step().
+    """
+
+    name = "implicit-gradient"
+    description = "Implicit-function-theorem hypergradient with CG or Neumann and autograd or finite-difference HVPs."
+    Config = ImplicitConfig
+    couplings: ClassVar[frozenset[str]] = frozenset({"proximal", "split"})
+
+    def __init__(self, config: BaseModel | None = None) -> None:
+        super().__init__(config)
+        self._coupled: Coupled | None = None
+        self._pending: dict[str, torch.Tensor] | None = None
+
+    def setup(self, problem: BilevelProblem) -> None:
+        check_coupling(self.name, self.config.coupling, self.couplings)
+        self._coupled = Coupled(problem, self.config.coupling)
+        if self._pending is not None:
+            self._coupled.load_state_dict(self._pending)
+            self._pending = None
+
+    def step(self, problem: BilevelProblem, step: int) -> dict[str, float]:
+        if self._coupled is None:
+            self.setup(problem)
+        c, cfg = self._coupled, self.config
+        batch = None
+        for _ in range(cfg.lower_steps):
+            batch = problem.lower.draw()
+            loss = problem.lower.loss(batch)
+            lower_value = float(loss.detach())
+            gradient_step(
+                loss + c.prox_penalty(cfg.mu),
+                problem.lower_params,
+                problem.lower_optimizer,
+                scheduler=problem.lower_scheduler,
+            )
+        metrics = {"lower_loss": lower_value}
+        if (step + 1) % cfg.upper_every != 0:
+            return metrics
+        with explain_missing_double_backward(self.name, "set math_attention: true or hvp: finite-difference"):
+            hypergrad, upper_value = self.hypergradient(problem, batch)
+        c.upper_step(problem, hypergrad)
+        metrics["upper_loss"] = upper_value
+        return metrics
+
+    def hypergradient(self, problem: BilevelProblem, batch: Any) -> tuple[Tensors, float]:
+        """IFT hypergradient at the model's current y, with H from the lower batch `batch` (reused, teacher paid once)."""
+        c, cfg = self._coupled, self.config
+        ys = list(c.lower)
+        split = c.coupling == "split"
+        xs = list(c.upper) if split else []
+        upper = problem.upper.loss(problem.upper.draw())
+        g = grads_or_zeros(upper, xs + ys)
+        direct, b = [t.detach() for t in g[: len(xs)]], [t.detach() for t in g[len(xs) :]]
+        upper_value = float(upper.detach())
+        del upper, g
+
+        if cfg.hvp == "autograd":
+            with double_backward_attention(cfg.math_attention):
+                lower = problem.lower.loss(batch)
+            gy = grads_or_zeros(lower, ys, create_graph=True)
+            del lower
+            hvp: HVP = hvp_autograd(gy, ys)
+            cross = hvp_autograd(gy, xs) if split else None
+        else:
+
+            def grad_at(points: Tensors, wrt_x: bool) -> Tensors:
+                with swap_parameters(problem.model, dict(zip(ys, points))):
+                    loss = problem.lower.loss(batch)
+                return grads_or_zeros(loss, xs if wrt_x else points)
+
+            hvp = hvp_finite_difference(lambda p: grad_at(p, False), ys, cfg.fd_eps, cfg.fd_scheme)
+            cross = hvp_finite_difference(lambda p: grad_at(p, True), ys, cfg.fd_eps, cfg.fd_scheme) if split else None
+
+        if split:
+            full_hvp, mixed = hvp, cross
+        else:  # proximal: H_G = H_low + mu P_U, d2_xy G = -mu P_U
+
+            def full_hvp(v: Tensors) -> Tensors:
+                return c.add_prox_grad(hvp(v), v, [torch.zeros_like(v[i]) for i in c.prox_index], cfg.mu)
+
+            def mixed(v: Tensors) -> Tensors:
+                return [-cfg.mu * v[i] for i in c.prox_index]
+
+            direct = [torch.zeros_like(a) for a in c.anchors]
+
+        def solve(h: HVP, rhs: Tensors) -> Tensors:
+            if cfg.linear_solver == "cg":
+                return conjugate_gradient(h, rhs, cfg.iters, cfg.damping)
+            damped = h if cfg.damping == 0 else (lambda v: [a + cfg.damping * u for a, u in zip(h(v), v)])
+            return neumann(damped, rhs, cfg.iters, cfg.neumann_alpha)
+
+        return implicit_hypergrad(direct, b, full_hvp, mixed, solve), upper_value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"anchors": self._coupled.state_dict()} if self._coupled is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        anchors = state.get("anchors", {})
+        if self._coupled is not None:
+            self._coupled.load_state_dict(anchors)
+        else:
+            self._pending = anchors

@@ -1,0 +1,123 @@
+"""Unrolled (reverse-mode) hypergradient: backpropagate the upper loss through K lower SGD steps."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ...core.functional import (
+    Coupled,
+    check_coupling,
+    double_backward_attention,
+    explain_missing_double_backward,
+    set_parameters,
+    swap_parameters,
+)
+from ...core.hypergrad import Tensors, grads_or_zeros, unrolled_hypergrad
+from ...core.interfaces import BilevelProblem, BilevelSolver
+
+
+class UnrolledConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    coupling: Literal["shared", "proximal", "split"] = Field(
+        "proximal", description="proximal (anchor x, lower pulled towards it) or split (disjoint subsets); not shared"
+    )
+    inner_steps: int = Field(
+        1, gt=0, description="K: lower SGD steps per outer step (they are the lower level's training)"
+    )
+    inner_lr: float = Field(
+        1e-3, gt=0, description="eta: the lower SGD rate (plain SGD: Adam is not differentiated through)"
+    )
+    truncate: int | None = Field(
+        None, gt=0, description="backpropagate through only the last k of the K steps (None: all); memory O(k)"
+    )
+    mu: float = Field(1.0, gt=0, description="proximal coupling: G = L_low(y) + mu/2 ||y - x||^2")
+    upper_every: int = Field(
+        1, gt=0, description="compute the hypergradient every k-th outer step (others: plain steps)"
+    )
+    math_attention: bool = Field(
+        True,
+        description="run differentiated steps on the math attention kernel (flash attention has no double backward)",
+    )
+
+
+class UnrolledSolver(BilevelSolver):
+    """y_{k+1} = y_k - eta grad_y G(x, y_k) for K steps, then dF(x, y_K)/dx by backpropagation through the steps.
+
+    Couplings: 'proximal' (x is an anchor copy, G = L_low(y) + mu/2 ||y - x||^2; the upper optimiser steps the
+    anchor, the model keeps y) and 'split' (x = upper_params, y = lower_params, disjoint). Not 'shared': with
+    x and y the same tensors there is no upper variable for y_K to depend on except its own starting point.
+    The K SGD steps are the lower level's training (the problem's lower optimiser and scheduler are not used, since
+    differentiating through Adam's sqrt is unstable); the graph lives only inside step(), so memory does not grow.
+    """
+
+    name = "unrolled"
+    description = "Reverse-mode hypergradient through K (optionally truncated) lower SGD steps."
+    Config = UnrolledConfig
+    couplings: ClassVar[frozenset[str]] = frozenset({"proximal", "split"})
+
+    def __init__(self, config: BaseModel | None = None) -> None:
+        super().__init__(config)
+        self._coupled: Coupled | None = None
+        self._pending: dict[str, torch.Tensor] | None = None
+
+    def setup(self, problem: BilevelProblem) -> None:
+        check_coupling(self.name, self.config.coupling, self.couplings)
+        self._coupled = Coupled(problem, self.config.coupling)
+        if self._pending is not None:
+            self._coupled.load_state_dict(self._pending)
+            self._pending = None
+
+    def step(self, problem: BilevelProblem, step: int) -> dict[str, float]:
+        if self._coupled is None:
+            self.setup(problem)
+        c, cfg = self._coupled, self.config
+        model = problem.model
+        lower_losses: list[float] = []
+
+        def lower_grad(xs: Tensors, ys: Tensors, graph: bool) -> Tensors:
+            batch = problem.lower.draw()
+            with (
+                swap_parameters(model, dict(zip(c.lower, ys))),
+                double_backward_attention(graph and cfg.math_attention),
+            ):
+                loss = problem.lower.loss(batch)
+            lower_losses.append(float(loss.detach()))
+            grads = grads_or_zeros(loss, ys, create_graph=graph)
+            return c.add_prox_grad(grads, ys, xs, cfg.mu)
+
+        def upper(xs: Tensors, ys: Tensors) -> torch.Tensor:
+            with swap_parameters(model, dict(zip(c.lower, ys))):
+                return problem.upper.loss(problem.upper.draw())
+
+        upper_now = (step + 1) % cfg.upper_every == 0
+        xs = [a.detach().requires_grad_(True) for a in c.anchors] if c.coupling == "proximal" else list(c.upper)
+        y0 = [p.detach() for p in c.lower]
+        if upper_now:
+            with explain_missing_double_backward(self.name, "set math_attention: true"):
+                hypergrad, y_k, value = unrolled_hypergrad(
+                    upper, lower_grad, xs, y0, cfg.inner_steps, cfg.inner_lr, cfg.truncate
+                )
+        else:  # plain lower SGD steps, no graph kept
+            y_k = y0
+            for _ in range(cfg.inner_steps):
+                ys = [t.detach().requires_grad_(True) for t in y_k]
+                y_k = [(t - cfg.inner_lr * g).detach() for t, g in zip(ys, lower_grad(xs, ys, False))]
+        set_parameters(c.lower, y_k)
+        metrics = {"lower_loss": sum(lower_losses) / len(lower_losses)}
+        if upper_now:
+            c.upper_step(problem, hypergrad)
+            metrics["upper_loss"] = float(value)
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"anchors": self._coupled.state_dict()} if self._coupled is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        anchors = state.get("anchors", {})
+        if self._coupled is not None:
+            self._coupled.load_state_dict(anchors)
+        else:
+            self._pending = anchors

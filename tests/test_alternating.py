@@ -1,0 +1,56 @@
+"""The alternating solver: lower every step, upper every k-th step, each level touching only its parameters."""
+
+from __future__ import annotations
+
+import torch
+
+from bilevel.core.interfaces import BilevelProblem, Objective
+from bilevel.plugins.solvers.alternating import AlternatingConfig, AlternatingSolver
+
+
+def make_problem(calls: list[str]) -> tuple[BilevelProblem, torch.nn.Module]:
+    model = torch.nn.Linear(2, 1, bias=True)
+
+    def lower_loss(_):
+        calls.append("lower")
+        return (model(torch.ones(1, 2)) - 1).pow(2).sum()
+
+    def upper_loss(_):
+        calls.append("upper")
+        return model.bias.pow(2).sum() + 0 * model.weight.sum()
+
+    params = dict(model.named_parameters())
+    return BilevelProblem(
+        model=model,
+        lower=Objective(draw=lambda: None, loss=lower_loss),
+        upper=Objective(draw=lambda: None, loss=upper_loss),
+        lower_params={"weight": params["weight"]},
+        upper_params={"bias": params["bias"]},
+        lower_optimizer=torch.optim.SGD([params["weight"]], lr=0.1),
+        upper_optimizer=torch.optim.SGD([params["bias"]], lr=0.1),
+        coupling="split",
+    ), model
+
+
+def test_upper_runs_every_k_steps():
+    calls: list[str] = []
+    problem, _ = make_problem(calls)
+    solver = AlternatingSolver(AlternatingConfig(upper_every=3))
+    metrics = [solver.step(problem, s) for s in range(9)]
+    assert calls.count("lower") == 9 and calls.count("upper") == 3
+    assert [("upper_loss" in m) for m in metrics] == [False, False, True] * 3
+
+
+def test_each_level_updates_only_its_parameters():
+    calls: list[str] = []
+    problem, model = make_problem(calls)
+    solver = AlternatingSolver(AlternatingConfig(upper_every=1))
+    w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
+    problem.upper_optimizer.param_groups[0]["lr"] = 0.0  # upper frozen: the bias must not move
+    solver.step(problem, 0)
+    assert not torch.equal(model.weight, w0) and torch.equal(model.bias, b0)
+    problem.upper_optimizer.param_groups[0]["lr"] = 0.1
+    problem.lower_optimizer.param_groups[0]["lr"] = 0.0
+    w1 = model.weight.detach().clone()
+    solver.step(problem, 1)
+    assert torch.equal(model.weight, w1) and not torch.equal(model.bias, b0)
