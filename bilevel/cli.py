@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("model", help="'tiny', a pipeline folder, or a student folder written by bilevel")
     unlearn.add_argument("--unlearner", default="esd", help="unlearner plugin name")
     unlearn.add_argument("--concept", action="append", help="concept to erase (repeatable; default purple)")
-    unlearn.add_argument("--steps", type=int, default=200)
-    unlearn.add_argument("--lr", type=float, default=1e-3)
+    unlearn.add_argument("--steps", type=int, help="default: the unlearner's measured recommendation (200)")
+    unlearn.add_argument("--lr", type=float, help="default: the unlearner's measured recommendation (3e-4)")
     unlearn.add_argument("--batch-size", type=int, default=16)
     unlearn.add_argument("--seed", type=int, default=0)
     unlearn.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
@@ -156,13 +156,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
     from .core.config import apply_override
-    from .core.unlearn_command import unlearn_model
+    from .core.unlearn_command import RECOMMENDED, unlearn_model
 
-    options: dict[str, Any] = {}
+    recommended = RECOMMENDED.get(args.unlearner)
+    options: dict[str, Any] = dict(recommended.options) if recommended and not args.options else {}
     for assignment in args.options:
         apply_override(options, assignment)
+    steps = args.steps or (recommended.steps if recommended else 200)
+    lr = args.lr or (recommended.lr if recommended else 3e-4)
     unlearn_model(
-        args.model, args.unlearner, options, args.concept or ["purple"], args.steps, args.lr, args.out,
+        args.model, args.unlearner, options, args.concept or ["purple"], steps, lr, args.out,
         batch_size=args.batch_size, seed=args.seed, device=args.device,
     )  # fmt: skip
     return 0

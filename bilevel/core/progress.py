@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True)
+#: Log lines printed instead of a live bar when stderr is not a terminal.
+log_console = Console(stderr=True, width=None if console.is_terminal else 140)
 
 
 @contextmanager

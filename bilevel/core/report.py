@@ -13,7 +13,7 @@ from rich.table import Table
 
 from .io import atomic_write_text
 
-console = Console()
+console = Console(width=None if Console().is_terminal else 140)  # logs: no truncated columns
 
 
 def _fmt(v: Any) -> str:

@@ -87,10 +87,9 @@ def resolved_config(config: RunConfig, pruner, unlearner, solver) -> dict[str, A
 
 def run(config: RunConfig) -> RunResult:
     from .models import load_tiny_pipeline
+    from .tinyworld.dataset import check_colours
     from .tinyworld.evaluation import evaluate_tiny
     from .tinyworld.world import TinyWorld
-
-    from .tinyworld.dataset import check_colours
 
     torch.manual_seed(config.training.seed)
     pruner, unlearner, solver = resolve_plugins(config)
@@ -134,7 +133,7 @@ def run(config: RunConfig) -> RunResult:
         student = copy.deepcopy(start).train().requires_grad_(True)
         t0 = time.perf_counter()
         coupling = getattr(arm_solver.config, "coupling", "shared") if arm == "bilevel" else "shared"
-        problem = _build_problem(student, world, config, weights, pairs, unl, coupling)
+        problem = _build_problem(student, world, config, weights, pairs, unl, coupling, out / "unlearner")
         arm_solver.setup(problem)
         history = run_solver(problem, arm_solver, steps, description=f"{arm} fine-tuning", log_every=tc.log_every)
         return student.eval(), history, time.perf_counter() - t0
@@ -179,10 +178,11 @@ def _calibration(world, config: RunConfig) -> CalibrationBatch:
     )
 
 
-def unlearn_context(student: nn.Module, world, config: RunConfig, run_dir: Path | None) -> UnlearnContext:
+def unlearn_context(student: nn.Module, reference: nn.Module, world, run_dir: Path | None, seed: int) -> UnlearnContext:
+    """Everything an unlearner may use; `reference` is the frozen model its targets come from."""
     return UnlearnContext(
         student=student,
-        teacher=world.teacher,
+        teacher=reference,
         concepts=list(world.concepts),
         concept_prompts=world.concept_prompts(),
         retain_prompts=world.retain_prompts(),
@@ -196,7 +196,7 @@ def unlearn_context(student: nn.Module, world, config: RunConfig, run_dir: Path 
         sample_shape=world.sample_shape,
         run_dir=run_dir,
         device=world.device,
-        seed=config.training.seed,
+        seed=seed,
     )
 
 
@@ -208,6 +208,7 @@ def _build_problem(
     pairs: list[FeaturePair],
     unlearner: Unlearner | None,
     coupling: str = "shared",
+    run_dir: Path | None = None,
 ) -> BilevelProblem:
     """The KD lower level and (for the bilevel arm) the unlearner's upper level over one student.
 
@@ -226,7 +227,7 @@ def _build_problem(
         upper_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
         before = None
     else:
-        ctx = unlearn_context(student, world, config, None)
+        ctx = unlearn_context(student, world.teacher, world, run_dir, config.training.seed)
         unlearner.prepare(ctx)
         counter = DrawCounter(tc.seed, salt=2)
         upper = Objective(draw=counter.next, loss=lambda gen: unlearner.loss(ctx, tc.upper_batch_size, gen))

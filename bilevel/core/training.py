@@ -11,7 +11,7 @@ import torch
 
 from .errors import NonFiniteLossError
 from .interfaces import BilevelProblem, BilevelSolver
-from .progress import console, progress_bar
+from .progress import console, log_console, progress_bar
 
 
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -53,7 +53,7 @@ def run_solver(
                 window = {}
                 if not console.is_terminal:  # logs and CI: a line per window instead of a live bar
                     shown = " ".join(f"{k}={v:.4g}" for k, v in history[-1].items() if k != "step")
-                    console.print(f"{description}: step {step + 1}/{steps} {shown}")
+                    log_console.print(f"{description}: step {step + 1}/{steps} {shown}")
             if on_step is not None:
                 on_step(step + 1)
     return history

@@ -21,6 +21,7 @@ from .errors import BilevelError, NonFiniteLossError
 from .interfaces import UnlearnContext, Unlearner
 from .progress import progress_bar
 from .report import console, image_grid, results_table, write_json
+from .runner import unlearn_context
 from .student_io import MANIFEST, make_manifest, read_manifest, save_student
 
 RESULT_FILE = "unlearn.json"
@@ -51,7 +52,7 @@ class Recommended:
 #: extension (teacher outputs on retain images), SalUn a stronger alpha and the frozen model's relabelled target.
 #: Measured on the shipped tiny teacher, concept "purple" (benchmarks/unlearn_alone.py).
 RECOMMENDED: dict[str, Recommended] = {
-    "esd": Recommended(steps=200, lr=3e-4, options={"retain_weight": 2.0}),
+    "esd": Recommended(steps=200, lr=3e-4, options={"retain_weight": 5.0}),
     "concept-ablation": Recommended(steps=200, lr=3e-4, options={"retain_weight": 5.0}),
     "salun": Recommended(steps=200, lr=3e-4, options={"alpha": 5.0, "target_model": "frozen"}),
 }
@@ -88,29 +89,6 @@ def load_model(model: str, pipeline: str = "tiny", device: str = "cpu") -> tuple
     pipe = load_tiny_pipeline(model, device)
     return pipe, pipe.unet, {}
 
-
-def build_context(
-    student: nn.Module, reference: nn.Module, world: Any, run_dir: Path | None, seed: int
-) -> UnlearnContext:
-    """Like runner.unlearn_context, but the frozen reference is the model being erased, not the pipeline's UNet."""
-    return UnlearnContext(
-        student=student,
-        teacher=reference,
-        concepts=list(world.concepts),
-        concept_prompts=world.concept_prompts(),
-        retain_prompts=world.retain_prompts(),
-        encode=world.bank,
-        concept_images=world.concept_data.images,
-        concept_image_prompts=world.concept_data.prompts,
-        retain_images=world.finetune.images,
-        retain_image_prompts=world.finetune.prompts,
-        alphas_cumprod=world.alphas_cumprod,
-        scheduler_config=world.scheduler_config,
-        sample_shape=world.sample_shape,
-        run_dir=run_dir,
-        device=world.device,
-        seed=seed,
-    )
 
 
 def train_unlearner(
@@ -210,7 +188,7 @@ def unlearn_model(
         return {"model": label, **result.metrics, **extra, "per_colour": result.per_colour}
 
     before = measure("before", reference, {}) if evaluate else {}
-    ctx = build_context(student, reference, world, out, seed)
+    ctx = unlearn_context(student, reference, world, out, seed)  # reference: the model being erased
     t0 = time.perf_counter()
     history = train_unlearner(unlearner, ctx, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
     train_seconds = time.perf_counter() - t0

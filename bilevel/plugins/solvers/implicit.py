@@ -8,8 +8,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...core.functional import (
-    Coupled,
-    check_coupling,
     double_backward_attention,
     explain_missing_double_backward,
     swap_parameters,
@@ -24,8 +22,9 @@ from ...core.hypergrad import (
     implicit_hypergrad,
     neumann,
 )
-from ...core.interfaces import BilevelProblem, BilevelSolver
+from ...core.interfaces import BilevelProblem
 from ...core.steps import gradient_step
+from .coupled import CoupledSolver
 
 
 class ImplicitConfig(BaseModel):
@@ -56,7 +55,7 @@ class ImplicitConfig(BaseModel):
     )
 
 
-class ImplicitSolver(BilevelSolver):
+class ImplicitSolver(CoupledSolver):
     """Lower optimiser steps on G, then the IFT hypergradient at the current y (an approximation of y*(x)).
 
     Couplings: 'proximal' (x is an anchor copy, G = L_low(y) + mu/2 ||y - x||^2, so d2_xy G = -mu I and the
@@ -71,22 +70,8 @@ class ImplicitSolver(BilevelSolver):
     Config = ImplicitConfig
     couplings: ClassVar[frozenset[str]] = frozenset({"proximal", "split"})
 
-    def __init__(self, config: BaseModel | None = None) -> None:
-        super().__init__(config)
-        self._coupled: Coupled | None = None
-        self._pending: dict[str, torch.Tensor] | None = None
-
-    def setup(self, problem: BilevelProblem) -> None:
-        check_coupling(self.name, self.config.coupling, self.couplings)
-        self._coupled = Coupled(problem, self.config.coupling)
-        if self._pending is not None:
-            self._coupled.load_state_dict(self._pending)
-            self._pending = None
-
     def step(self, problem: BilevelProblem, step: int) -> dict[str, float]:
-        if self._coupled is None:
-            self.setup(problem)
-        c, cfg = self._coupled, self.config
+        c, cfg = self.coupled(problem), self.config
         batch = None
         for _ in range(cfg.lower_steps):
             batch = problem.lower.draw()
@@ -109,7 +94,7 @@ class ImplicitSolver(BilevelSolver):
 
     def hypergradient(self, problem: BilevelProblem, batch: Any) -> tuple[Tensors, float]:
         """IFT hypergradient at the model's current y, with H from the lower batch `batch` (reused, teacher paid once)."""
-        c, cfg = self._coupled, self.config
+        c, cfg = self.coupled(problem), self.config
         ys = list(c.lower)
         split = c.coupling == "split"
         xs = list(c.upper) if split else []
@@ -155,13 +140,3 @@ class ImplicitSolver(BilevelSolver):
             return neumann(damped, rhs, cfg.iters, cfg.neumann_alpha)
 
         return implicit_hypergrad(direct, b, full_hvp, mixed, solve), upper_value
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"anchors": self._coupled.state_dict()} if self._coupled is not None else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        anchors = state.get("anchors", {})
-        if self._coupled is not None:
-            self._coupled.load_state_dict(anchors)
-        else:
-            self._pending = anchors

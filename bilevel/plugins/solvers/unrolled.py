@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...core.functional import (
-    Coupled,
-    check_coupling,
     double_backward_attention,
     explain_missing_double_backward,
     set_parameters,
     swap_parameters,
 )
 from ...core.hypergrad import Tensors, grads_or_zeros, unrolled_hypergrad
-from ...core.interfaces import BilevelProblem, BilevelSolver
+from ...core.interfaces import BilevelProblem
+from .coupled import CoupledSolver
 
 
 class UnrolledConfig(BaseModel):
@@ -43,7 +42,7 @@ class UnrolledConfig(BaseModel):
     )
 
 
-class UnrolledSolver(BilevelSolver):
+class UnrolledSolver(CoupledSolver):
     """y_{k+1} = y_k - eta grad_y G(x, y_k) for K steps, then dF(x, y_K)/dx by backpropagation through the steps.
 
     Couplings: 'proximal' (x is an anchor copy, G = L_low(y) + mu/2 ||y - x||^2; the upper optimiser steps the
@@ -58,22 +57,8 @@ class UnrolledSolver(BilevelSolver):
     Config = UnrolledConfig
     couplings: ClassVar[frozenset[str]] = frozenset({"proximal", "split"})
 
-    def __init__(self, config: BaseModel | None = None) -> None:
-        super().__init__(config)
-        self._coupled: Coupled | None = None
-        self._pending: dict[str, torch.Tensor] | None = None
-
-    def setup(self, problem: BilevelProblem) -> None:
-        check_coupling(self.name, self.config.coupling, self.couplings)
-        self._coupled = Coupled(problem, self.config.coupling)
-        if self._pending is not None:
-            self._coupled.load_state_dict(self._pending)
-            self._pending = None
-
     def step(self, problem: BilevelProblem, step: int) -> dict[str, float]:
-        if self._coupled is None:
-            self.setup(problem)
-        c, cfg = self._coupled, self.config
+        c, cfg = self.coupled(problem), self.config
         model = problem.model
         lower_losses: list[float] = []
 
@@ -111,13 +96,3 @@ class UnrolledSolver(BilevelSolver):
             c.upper_step(problem, hypergrad)
             metrics["upper_loss"] = float(value)
         return metrics
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"anchors": self._coupled.state_dict()} if self._coupled is not None else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        anchors = state.get("anchors", {})
-        if self._coupled is not None:
-            self._coupled.load_state_dict(anchors)
-        else:
-            self._pending = anchors
