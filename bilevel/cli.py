@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bilevel (default arms), two-stage (fine-tune then erase, same step counts) or both")  # fmt: skip
     run.add_argument("--out", type=Path, help="output folder (default runs/run-<time>)")
     run.add_argument("--overwrite", action="store_true", help="reuse an output folder that holds another run")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the interrupted run in --out with its saved config.json (no other flags allowed)")  # fmt: skip
     run.add_argument("--device", help="torch device, e.g. cpu or cuda")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override any config value, e.g. --set training.upper_lr=1e-3 --set pruner.options.ratio=0.4")  # fmt: skip
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .core.config import apply_override, build_config, read_config_file
 
+    if args.resume:
+        return _resume_run(args)
     data: dict[str, Any] = read_config_file(args.config) if args.config else {}
     flag_overrides = {
         "model.source": args.model,
@@ -133,6 +137,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .core.runner import run
 
     run(config)
+    return 0
+
+
+#: `run` flags that would change a run; --resume refuses them rather than continue a different run than was started.
+_RUN_FLAGS = (
+    "config", "model", "pruner", "unlearner", "solver", "concept", "steps", "arms", "schedule", "overwrite", "device",
+    "overrides",
+)  # fmt: skip
+
+
+def _resume_run(args: argparse.Namespace) -> int:
+    """`run --resume --out DIR`: the config comes from DIR/config.json alone."""
+    if args.out is None:
+        raise BilevelError("--resume needs --out: the folder of the run to continue")
+    given = [f"--{'set' if name == 'overrides' else name}" for name in _RUN_FLAGS if getattr(args, name)]
+    if given:
+        saved = args.out / "config.json"
+        raise BilevelError(
+            f"--resume continues the run saved in {saved} unchanged; drop {', '.join(given)} (accepted with it: --out)"
+        )
+    from .core.runner import load_saved_config, run
+
+    run(load_saved_config(args.out), resume=True)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from .errors import BilevelError
@@ -41,10 +42,14 @@ def load_tiny_pipeline(source: str = "tiny", device: str = "cpu"):
             f"{path} holds a {index.get('_class_name')!r}; this build supports {TinyTextToImagePipeline.__name__} folders"
         )
     quiet_hub_libraries()
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)  # diffusers logs a missing weights file at ERROR before raising: one line only
     try:
         pipe = TinyTextToImagePipeline.from_pretrained(str(path), use_safetensors=True, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise BilevelError(f"cannot load pipeline from {path}: {str(exc).splitlines()[0]}") from None
+    finally:
+        logging.disable(previous)
     pipe.set_progress_bar_config(disable=True)
     pipe.unet.eval().requires_grad_(False)
     pipe.text_encoder.eval().requires_grad_(False)

@@ -2,12 +2,18 @@
 
 Arms, all from the same pruned student, seed and number of steps:
   teacher (unpruned), pruned (no training), ddpm (task loss only), kd (lower level only), bilevel (solver).
+
+Faults: every finished arm leaves `rows/<arm>.json` and its student; every trained arm checkpoints into
+`checkpoints/<arm>/` (each training.checkpoint_every steps and at its end). `bilevel run --resume --out DIR`
+re-reads DIR/config.json (no other flags: a resumed run is the run that was started), keeps the finished arms and
+continues an interrupted one from its checkpoint, bit-identically to an uninterrupted run on the same machine.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,19 +23,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import LossWeights, RunConfig
-from .errors import BilevelError
+from .checkpoint import ArmState, load_checkpoint, load_unlearner_state, read_state, save_checkpoint
+from .config import LossWeights, RunConfig, build_config, read_config_file
+from .errors import BilevelError, NonFiniteLossError
 from .features import FeaturePair
 from .interfaces import BilevelProblem, CalibrationBatch, Objective, PruneResult, UnlearnContext, Unlearner
-from .io import atomic_write_text
+from .io import atomic_save_tensors, atomic_write_text, load_tensors
 from .lower_level import DrawCounter, make_lower_objective
 from .modelinfo import model_stats
 from .report import console, image_grid, results_table, write_json
 from .steps import gradient_step, lower_step
-from .student_io import make_manifest, save_student
-from .training import run_solver, warmup_schedule
+from .student_io import WEIGHTS, make_manifest, save_student
+from .training import TrainState, run_solver, warmup_schedule
 
 RUN_MARKER = "config.json"
+DONE = "DONE"
+ROWS = "rows"  # <out>/rows/<arm>.json (+ .images.safetensors): an arm's metrics row, written once it is finished
+CHECKPOINTS = "checkpoints"  # <out>/checkpoints/<arm>/: see core.checkpoint
 TABLE_COLUMNS = [
     ("model", "model"),
     ("params", "params"),
@@ -50,16 +60,35 @@ class RunResult:
     histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
-def prepare_output_dir(config: RunConfig) -> Path:
-    """Refuse to write into a folder holding another run unless told to overwrite."""
+def prepare_output_dir(config: RunConfig, resume: bool = False) -> Path:
+    """Refuse to write into a folder holding another run unless told to resume or overwrite it."""
     out = config.output.dir or Path("runs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BilevelError(f"output path {out} exists and is not a folder")
+    if resume:
+        if not (out / RUN_MARKER).is_file():
+            raise BilevelError(f"nothing to resume in {out}: it holds no {RUN_MARKER}; start the run without --resume")
+        return out
     if (out / RUN_MARKER).exists() and not config.output.overwrite:
-        raise BilevelError(f"output folder {out} holds another run; pass --overwrite or choose another --out")
+        raise BilevelError(
+            f"output folder {out} holds another run; pass --resume to continue it, --overwrite to replace it, or choose another --out"
+        )
+    for stale in (out / ROWS, out / CHECKPOINTS):  # a replaced run must never be resumed from the old one's state
+        shutil.rmtree(stale, ignore_errors=True)
+    (out / DONE).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def load_saved_config(out: Path) -> RunConfig:
+    """The config a run in `out` was started with (for --resume); the folder may have moved since."""
+    out = Path(out)
+    if not (out / RUN_MARKER).is_file():
+        raise BilevelError(f"nothing to resume in {out}: it holds no {RUN_MARKER}; start the run without --resume")
+    data = read_config_file(out / RUN_MARKER)
+    data.setdefault("output", {})["dir"] = str(out)
+    return build_config(data)
 
 
 def resolve_plugins(config: RunConfig):
@@ -85,65 +114,132 @@ def resolved_config(config: RunConfig, pruner, unlearner, solver) -> dict[str, A
     return data
 
 
-def run(config: RunConfig) -> RunResult:
+def run(config: RunConfig, resume: bool = False) -> RunResult:
+    """The whole run. resume: continue the run in config.output.dir (finished arms are kept, an interrupted one
+    continues from its last checkpoint, bit-identically to an uninterrupted run)."""
     from .models import load_tiny_pipeline
     from .tinyworld.dataset import check_colours
     from .tinyworld.evaluation import evaluate_tiny
     from .tinyworld.world import TinyWorld
 
+    if resume:
+        out = prepare_output_dir(config, resume=True)
+        if (out / DONE).is_file():
+            console.print(f"run in {out} already finished; nothing to resume")
+            return _finished_result(out)
     torch.manual_seed(config.training.seed)
     pruner, unlearner, solver = resolve_plugins(config)
     if config.model.source == "tiny":
         check_colours(config.concepts)  # fail before any loading
     pipe = load_tiny_pipeline(config.model.source, config.model.device)
     world = TinyWorld.build(
-        pipe, config.concepts, config.data.finetune_size, config.data.concept_size, config.data.seed, config.model.device
+        pipe,
+        config.concepts,
+        config.data.finetune_size,
+        config.data.concept_size,
+        config.data.seed,
+        config.model.device,
     )
-    out = prepare_output_dir(config)
-    write_json(out / RUN_MARKER, resolved_config(config, pruner, unlearner, solver))
-    console.print(f"[bold]bilevel run[/] -> {out}  (pruner={pruner.name}, unlearner={unlearner.name}, solver={solver.name})")
-
     teacher = world.teacher
     calibration = _calibration(world, config)
     t0 = time.perf_counter()
-    pruned: PruneResult = pruner.prune(teacher, calibration)
+    pruned: PruneResult = pruner.prune(teacher, calibration)  # before touching --out: an unfit pruner writes nothing
     prune_seconds = time.perf_counter() - t0
     pairs = pruned.feature_pairs
-    save_student(out / "students" / "pruned", pruned.student, make_manifest(pruned.student, pairs, **pruned.manifest))
+    if not resume:
+        out = prepare_output_dir(config)
+        write_json(out / RUN_MARKER, resolved_config(config, pruner, unlearner, solver))
+    verb = "resuming" if resume else "bilevel run"
+    console.print(f"[bold]{verb}[/] -> {out}  (pruner={pruner.name}, unlearner={unlearner.name}, solver={solver.name})")
+    if resume and (out / "students" / "pruned" / WEIGHTS).is_file():
+        _load_weights(pruned.student, out / "students" / "pruned")  # the very start the interrupted run used
+    else:
+        save_student(
+            out / "students" / "pruned", pruned.student, make_manifest(pruned.student, pairs, **pruned.manifest)
+        )
 
     ev = config.evaluation
+    done = _finished_rows(out) if resume else {}
     rows: list[dict[str, Any]] = []
     grids: dict[str, dict[str, torch.Tensor]] = {}
     histories: dict[str, list[dict[str, Any]]] = {}
 
-    def evaluate(label: str, unet: nn.Module, extra: dict[str, Any]) -> None:
-        result = evaluate_tiny(unet, world, samples_per_colour=ev.samples_per_prompt, steps=ev.steps, guidance=ev.guidance, seed=ev.seed)
+    def evaluate(
+        label: str, unet: nn.Module, extra: dict[str, Any], history: list[dict[str, Any]] | None = None
+    ) -> None:
+        result = evaluate_tiny(
+            unet, world, samples_per_colour=ev.samples_per_prompt, steps=ev.steps, guidance=ev.guidance, seed=ev.seed
+        )
         stats = model_stats(unet, latency_batch=64, repeats=ev.latency_repeats)
-        rows.append({"model": label, **stats.to_json(), **result.metrics, **extra, "per_colour": result.per_colour})
-        grids[label] = result.images
+        row = {"model": label, **stats.to_json(), **result.metrics, **extra, "per_colour": result.per_colour}
         image_grid(result.images, out / "grids" / f"{label}.png")
+        _save_row(out, label, row, history, result.images)
+        keep(label, row, history, result.images)
 
-    if "teacher" in config.arms:
+    def keep(
+        label: str, row: dict[str, Any], history: list[dict[str, Any]] | None, images: dict[str, torch.Tensor]
+    ) -> None:
+        rows.append(row)
+        grids[label] = images
+        if history is not None:
+            histories[label] = history
+
+    def skip(label: str) -> bool:
+        """A finished arm of the resumed run: reuse its row instead of redoing it."""
+        if label not in done:
+            return False
+        console.print(f"{label}: finished before the interruption; kept")
+        keep(label, *done[label])
+        return True
+
+    if "teacher" in config.arms and not skip("teacher"):
         evaluate("teacher", teacher, {})
-    if "pruned" in config.arms:
+    if "pruned" in config.arms and not skip("pruned"):
         evaluate("pruned", pruned.student, {"prune_seconds": prune_seconds})
     tc = config.training
 
     def train_arm(arm: str, start: nn.Module, arm_solver, unl: Unlearner | None, steps: int, weights: LossWeights):
+        torch.manual_seed(tc.seed)  # every arm starts from the same RNG state, however the run got here
         student = copy.deepcopy(start).train().requires_grad_(True)
-        t0 = time.perf_counter()
         coupling = getattr(arm_solver.config, "coupling", "shared") if arm == "bilevel" else "shared"
-        problem = _build_problem(student, world, config, weights, pairs, unl, coupling, out / "unlearner")
+        ckpt = out / CHECKPOINTS / arm
+        if resume:
+            load_unlearner_state(ckpt, unl)  # before prepare(), which then reuses it
+        counters = {"lower": DrawCounter(tc.seed, salt=1), "upper": DrawCounter(tc.seed, salt=2)}
+        problem = _build_problem(student, world, config, weights, pairs, unl, coupling, out / "unlearner", counters)
         arm_solver.setup(problem)
-        history = run_solver(problem, arm_solver, steps, description=f"{arm} fine-tuning", log_every=tc.log_every)
-        return student.eval(), history, time.perf_counter() - t0
+        arm_state = ArmState(problem, arm_solver, unl, counters)
+        state = load_checkpoint(ckpt, arm_state, steps) if resume else None
+        if state is not None:
+            console.print(f"{arm}: resuming from step {state.step}/{steps} ({ckpt})")
+        state = state or TrainState()
+
+        def on_step(s: TrainState) -> None:
+            if s.step == steps or (tc.checkpoint_every and s.step % tc.checkpoint_every == 0):
+                save_checkpoint(ckpt, arm_state, s, steps)
+
+        try:
+            history = run_solver(
+                problem,
+                arm_solver,
+                steps,
+                description=f"{arm} fine-tuning",
+                log_every=tc.log_every,
+                state=state,
+                on_step=on_step,
+            )
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(f"{exc}; {_last_good(ckpt)}") from None
+        return student.eval(), history, state.seconds
 
     def finish(arm: str, student: nn.Module, seconds: float) -> None:
         save_student(out / "students" / arm, student, make_manifest(student, pairs, **pruned.manifest, arm=arm))
-        evaluate(arm, student, {"train_seconds": seconds})
+        evaluate(arm, student, {"train_seconds": seconds}, histories.get(arm))
 
     trained: dict[str, tuple[nn.Module, float]] = {}
     for arm in [a for a in config.arms if a in ("ddpm", "kd", "bilevel")]:
+        if skip(arm):
+            continue
         weights = LossWeights(task=1.0, output=0.0, feature=0.0) if arm == "ddpm" else tc.weights
         arm_solver = solver if arm == "bilevel" else _LowerOnly()
         student, histories[arm], seconds = train_arm(
@@ -151,13 +247,18 @@ def run(config: RunConfig) -> RunResult:
         )
         trained[arm] = (student, seconds)
         finish(arm, student, seconds)
-    if "two-stage" in config.arms:
+    if "two-stage" in config.arms and not skip("two-stage"):
         # Fine-tune (KD, the lower level alone), then erase with the unlearner alone: as many lower and upper
         # updates as the bilevel run makes, so the two schedules are compared at equal cost.
         if "kd" in trained:
             kd_student, kd_seconds = trained["kd"]
+        elif "kd" in done:
+            kd_student = _load_weights(copy.deepcopy(pruned.student), out / "students" / "kd").eval()
+            kd_seconds = float(done["kd"][0].get("train_seconds", 0.0))
         else:
-            kd_student, histories["kd"], kd_seconds = train_arm("kd", pruned.student, _LowerOnly(), None, tc.steps, tc.weights)
+            kd_student, histories["kd"], kd_seconds = train_arm(
+                "kd", pruned.student, _LowerOnly(), None, tc.steps, tc.weights
+            )
         erase_steps = _upper_updates(histories.get("bilevel"), solver, tc.steps)
         student, histories["two-stage"], seconds = train_arm(
             "two-stage", kd_student, _UpperOnly(), unlearner, erase_steps, tc.weights
@@ -165,10 +266,66 @@ def run(config: RunConfig) -> RunResult:
         finish("two-stage", student, kd_seconds + seconds)
 
     write_json(out / "metrics.json", {"rows": rows, "histories": histories})
-    image_grid({f"{label}: {c}": imgs[c] for label, imgs in grids.items() for c in world.concepts}, out / "grids" / "concepts.png")
+    image_grid(
+        {f"{label}: {c}": imgs[c] for label, imgs in grids.items() for c in world.concepts},
+        out / "grids" / "concepts.png",
+    )
     console.print(results_table(f"concept(s) {', '.join(config.concepts)}", rows, TABLE_COLUMNS))
-    atomic_write_text(out / "DONE", json.dumps({"finished": datetime.now().isoformat()}))
+    atomic_write_text(out / DONE, json.dumps({"finished": datetime.now().isoformat()}))
     return RunResult(out, rows, histories)
+
+
+def _save_row(
+    out: Path, label: str, row: dict[str, Any], history: list[dict[str, Any]] | None, images: dict[str, torch.Tensor]
+) -> None:
+    """Persist a finished arm (images first, the JSON row last: the row's presence means 'finished')."""
+    atomic_save_tensors(images, _rows_dir(out) / f"{label}.images.safetensors")
+    write_json(_rows_dir(out) / f"{label}.json", {"row": row, "history": history})
+
+
+def _rows_dir(out: Path) -> Path:
+    folder = out / ROWS
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _finished_rows(out: Path) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]] | None, dict[str, torch.Tensor]]]:
+    """label -> (row, history, images) of every arm the interrupted run finished."""
+    found = {}
+    for path in sorted((out / ROWS).glob("*.json")):
+        label = path.stem
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue  # cannot happen with atomic writes; redo the arm rather than fail
+        images = load_tensors(path.with_name(f"{label}.images.safetensors"))
+        found[label] = (data["row"], data.get("history"), images)
+    return found
+
+
+def _finished_result(out: Path) -> RunResult:
+    metrics = json.loads((out / "metrics.json").read_text())
+    return RunResult(out, metrics["rows"], metrics.get("histories", {}))
+
+
+def _load_weights(model: nn.Module, folder: Path) -> nn.Module:
+    """Put a saved student's weights into a model of the same structure (the re-pruned student)."""
+    state = load_tensors(folder / WEIGHTS)
+    if set(state) != set(model.state_dict()):
+        raise BilevelError(
+            f"weights in {folder} do not fit this run's pruned student; resume with the run's own config"
+        )
+    with torch.no_grad():
+        model.load_state_dict(state, strict=True)
+    return model
+
+
+def _last_good(ckpt: Path) -> str:
+    """Where the last good state is, for the non-finite-loss message."""
+    meta = read_state(ckpt)
+    if meta is None:
+        return "no checkpoint was written yet (set training.checkpoint_every to keep one)"
+    return f"last good checkpoint kept: {ckpt} (step {meta['step']})"
 
 
 def _calibration(world, config: RunConfig) -> CalibrationBatch:
@@ -209,15 +366,22 @@ def _build_problem(
     unlearner: Unlearner | None,
     coupling: str = "shared",
     run_dir: Path | None = None,
+    counters: dict[str, DrawCounter] | None = None,
 ) -> BilevelProblem:
     """The KD lower level and (for the bilevel arm) the unlearner's upper level over one student.
 
-    coupling 'split' gives the lower level every parameter the upper level does not train.
+    coupling 'split' gives the lower level every parameter the upper level does not train. counters ('lower',
+    'upper'): the data-draw counters, passed in so a checkpoint can save and restore them.
     """
     tc = config.training
+    counters = (
+        counters
+        if counters is not None
+        else {"lower": DrawCounter(tc.seed, salt=1), "upper": DrawCounter(tc.seed, salt=2)}
+    )
     lower = make_lower_objective(
         student, world.teacher, world.finetune.images, world.bank(world.finetune.prompts), world.bank.empty(1)[0],
-        world.alphas_cumprod, weights, pairs, tc.batch_size, DrawCounter(tc.seed, salt=1),
+        world.alphas_cumprod, weights, pairs, tc.batch_size, counters["lower"],
     )  # fmt: skip
     lower_params = dict(student.named_parameters())
     lower_opt = torch.optim.AdamW(lower_params.values(), lr=tc.lower_lr, weight_decay=0.0)
@@ -229,7 +393,7 @@ def _build_problem(
     else:
         ctx = unlearn_context(student, world.teacher, world, run_dir, config.training.seed)
         unlearner.prepare(ctx)
-        counter = DrawCounter(tc.seed, salt=2)
+        counter = counters["upper"]
         upper = Objective(draw=counter.next, loss=lambda gen: unlearner.loss(ctx, tc.upper_batch_size, gen))
         upper_params = unlearner.trainable_parameters(student)
         if not upper_params:
@@ -237,7 +401,9 @@ def _build_problem(
         if coupling == "split":
             lower_params = {k: v for k, v in lower_params.items() if k not in upper_params}
             if not lower_params:
-                raise BilevelError(f"split coupling leaves no parameters for the lower level: {unlearner.name!r} trains all")
+                raise BilevelError(
+                    f"split coupling leaves no parameters for the lower level: {unlearner.name!r} trains all"
+                )
             lower_opt = torch.optim.AdamW(lower_params.values(), lr=tc.lower_lr, weight_decay=0.0)
         upper_opt = torch.optim.AdamW(upper_params.values(), lr=tc.upper_lr, weight_decay=0.0)
         before = lambda: unlearner.before_step(student)
@@ -274,7 +440,9 @@ class _UpperOnly:
 
     def step(self, problem: BilevelProblem, step: int) -> dict[str, float]:
         loss = problem.upper.loss(problem.upper.draw())
-        gradient_step(loss, problem.upper_params, problem.upper_optimizer, problem.before_upper_step, problem.upper_scheduler)
+        gradient_step(
+            loss, problem.upper_params, problem.upper_optimizer, problem.before_upper_step, problem.upper_scheduler
+        )
         return {"upper_loss": float(loss.detach())}
 
 

@@ -14,19 +14,19 @@ TEXT_DIM = 64
 
 
 def tiny_unet_config(channels: tuple[int, ...] = (16, 32, 32, 32)) -> dict:
-    return dict(
-        sample_size=IMAGE_SIZE,
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        block_out_channels=channels,
-        layers_per_block=2,
-        norm_num_groups=4,
-        cross_attention_dim=TEXT_DIM,
-        attention_head_dim=2,  # diffusers reads this as the number of heads
-    )
+    return {
+        "sample_size": IMAGE_SIZE,
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "block_out_channels": channels,
+        "layers_per_block": 2,
+        "norm_num_groups": 4,
+        "cross_attention_dim": TEXT_DIM,
+        "attention_head_dim": 2,  # diffusers reads this as the number of heads
+    }
 
 
 def tiny_scheduler() -> DDIMScheduler:
