@@ -3,6 +3,8 @@ over the same tensors (shared coupling) or over disjoint subsets (split)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...core.interfaces import BilevelProblem, BilevelSolver
@@ -11,6 +13,9 @@ from ...core.steps import gradient_step, lower_step
 
 class AlternatingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    coupling: Literal["shared", "split"] = Field(
+        "shared", description="shared: both levels train the same tensors (the paper); split: lower trains the rest"
+    )
     upper_every: int = Field(2, gt=0, description="k: one upper step every k outer steps")
     upper_steps: int = Field(1, gt=0, description="upper optimiser steps each time the upper level runs")
 

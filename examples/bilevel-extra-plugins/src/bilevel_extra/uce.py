@@ -1,0 +1,205 @@
+"""UCE: Unified Concept Editing (Gandikota, Orgad, Belinkov, Materzynska, Bau, "Unified Concept Editing in
+Diffusion Models", WACV 2024; arXiv:2308.14761), building on TIME (Orgad et al., ICCV 2023).
+
+UCE edits only the cross-attention key and value projections W (to_k, to_v of every cross-attention layer), the
+only place where text enters the UNet. For each concept prompt embedding c_i and its anchor ("target") prompt
+embedding c_i*, it asks the edited projection to produce what the original one produced for the anchor, while
+preserved prompts c_p keep their original keys/values:
+
+    min_W  sum_i ||W c_i - W_old c_i*||^2  +  lambda sum_p ||W c_p - W_old c_p||^2
+
+The paper solves this least-squares problem in closed form on a model that is not otherwise trained. In a bilevel
+run the same projections are also trained by the lower level, so here the objective is the upper-level *loss*,
+minimised by the solver's gradient steps:
+
+- the erase term uses, by default, the current student's own projection of the anchor under stop-gradient
+  (`target_model="student"`), so the target follows the lower level's fine-tuning; `target_model="initial"` uses
+  the projections frozen when the run starts (the paper's W_old);
+- the preservation term (UCE's lambda, `preserve_weight`) compares against W_old on the retain prompts; it is off
+  by default because in a bilevel run the lower level already preserves everything else, and it is the term to
+  turn on for a standalone `bilevel unlearn`.
+
+Token alignment: each concept prompt is paired with an anchor prompt that differs only in the concept word
+("a purple circle" -> "a yellow circle"), so the two embedding sequences align position by position; positions that
+do not depend on the concept have equal embeddings and contribute nothing. (The reference implementation aligns
+the sequences from the last concept token on; with a word replacement this is the same set of positions.)
+
+Cost: no UNet forward at all, only the cross-attention projections of a batch of text embeddings.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from bilevel.core.errors import BilevelError
+from bilevel.core.interfaces import UnlearnContext, Unlearner
+
+FARTHEST = "farthest"
+_WORD = re.compile(r"^[A-Za-z][A-Za-z-]*$")
+
+
+class UCEConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    anchor: str = Field(
+        FARTHEST,
+        description="anchor prompts replace the concept word by this word; 'farthest' (tiny world only): the "
+        "non-concept palette colour farthest from the concept in RGB",
+    )
+    anchor_prompts: list[str] | None = Field(
+        None, description="explicit anchor prompts, one per concept prompt (overrides `anchor`)"
+    )
+    target_model: Literal["student", "initial"] = Field(
+        "student",
+        description="whose projection of the anchor is the target: the current student under stop-gradient "
+        "(follows the lower level) or the projections frozen at the start of the run (the paper's W_old)",
+    )
+    projections: Literal["kv", "v", "k"] = Field(
+        "kv", description="which cross-attention projections are edited and trained: key and value (paper), or one"
+    )
+    preserve_weight: float = Field(
+        0.0, ge=0, description="UCE's lambda: weight of ||W c_p - W_old c_p||^2 on the retain prompts (0 disables)"
+    )
+
+    @field_validator("anchor")
+    @classmethod
+    def _one_word(cls, v: str) -> str:
+        v = v.strip()
+        if v != FARTHEST and not _WORD.match(v):
+            raise ValueError(f"anchor must be 'farthest' or a single word, got {v!r}")
+        return v
+
+
+def _replace_word(prompt: str, concepts: list[str], word: str) -> str:
+    for c in sorted(concepts, key=len, reverse=True):
+        pattern = rf"(?<!\w){re.escape(c)}(?!\w)"
+        if re.search(pattern, prompt):
+            return " ".join(re.sub(pattern, word, prompt).split())
+    raise BilevelError(f"uce: prompt {prompt!r} names none of the concepts ({', '.join(concepts)}); set anchor_prompts")
+
+
+def _farthest_colour(concept: str, exclude: list[str]) -> str:
+    from bilevel.core.tinyworld.palette import COLOURS
+
+    if concept not in COLOURS:
+        raise BilevelError(
+            f"uce: anchor='farthest' needs tiny-world colour concepts, got {concept!r}; set anchor to a word"
+        )
+    rgb = torch.tensor(list(COLOURS.values()), dtype=torch.float32)
+    names = list(COLOURS)
+    d = (rgb - rgb[names.index(concept)]).norm(dim=1)
+    candidates = [(float(d[i]), n) for i, n in enumerate(names) if n != concept and n not in exclude]
+    if not candidates:
+        raise BilevelError("uce: every palette colour is a concept; no anchor colour is left")
+    return max(candidates)[1]
+
+
+def anchor_prompts(config: UCEConfig, concept_prompts: list[str], concepts: list[str]) -> list[str]:
+    """One anchor prompt per concept prompt."""
+    if config.anchor_prompts is not None:
+        if len(config.anchor_prompts) != len(concept_prompts):
+            raise BilevelError(
+                f"uce: anchor_prompts has {len(config.anchor_prompts)} prompts for {len(concept_prompts)} concept prompts"
+            )
+        return list(config.anchor_prompts)
+    out = []
+    for p in concept_prompts:
+        if config.anchor == FARTHEST:
+            concept = next(
+                (c for c in sorted(concepts, key=len, reverse=True) if re.search(rf"(?<!\w){re.escape(c)}(?!\w)", p)),
+                None,
+            )
+            if concept is None:
+                raise BilevelError(f"uce: prompt {p!r} names none of the concepts; set anchor_prompts")
+            out.append(_replace_word(p, [concept], _farthest_colour(concept, concepts)))
+        else:
+            if config.anchor in concepts:
+                raise BilevelError(f"uce: anchor {config.anchor!r} is itself a concept")
+            out.append(_replace_word(p, concepts, config.anchor))
+    return out
+
+
+def cross_attention_projections(model: nn.Module, which: str) -> dict[str, nn.Linear]:
+    """name -> Linear for the chosen key/value projections of every cross-attention layer (diffusers Attention)."""
+    from diffusers.models.attention_processor import Attention
+
+    out: dict[str, nn.Linear] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, Attention) and m.is_cross_attention:
+            for proj in ("to_k", "to_v"):
+                if proj[-1] in which:
+                    out[f"{name}.{proj}"] = getattr(m, proj)
+    return out
+
+
+class UCE(Unlearner):
+    name = "uce"
+    description = "Unified Concept Editing: concept keys/values of cross-attention map onto an anchor's (no UNet pass)."
+    Config = UCEConfig
+
+    def __init__(self, config: UCEConfig | None = None) -> None:
+        super().__init__(config)
+        self.targets: list[str] = []
+        self.anchors: list[str] = []
+        self._initial: dict[str, torch.Tensor] = {}  # W_old (and biases), keyed like the student's parameters
+
+    def trainable_parameters(self, student: nn.Module) -> dict[str, nn.Parameter]:
+        return {
+            f"{name}.{k}": p
+            for name, proj in cross_attention_projections(student, self.config.projections).items()
+            for k, p in proj.named_parameters()
+        }
+
+    def prepare(self, ctx: UnlearnContext) -> None:
+        if not ctx.concept_prompts:
+            raise BilevelError("uce needs at least one concept prompt")
+        self.targets = list(ctx.concept_prompts)
+        self.anchors = anchor_prompts(self.config, self.targets, list(ctx.concepts))
+        if self._initial:  # restored by load_state_dict (a resumed run): W_old of the original start
+            self._initial = {k: v.to(ctx.device) for k, v in self._initial.items()}
+        else:
+            self._initial = {k: p.detach().clone() for k, p in self.trainable_parameters(ctx.student).items()}
+        if not self._initial:
+            raise BilevelError("uce: the student has no cross-attention layers to edit")
+
+    def _initial_projection(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        bias = self._initial.get(f"{name}.bias")
+        return F.linear(x, self._initial[f"{name}.weight"], bias)
+
+    def loss(self, ctx: UnlearnContext, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        if not self._initial:
+            raise RuntimeError("prepare() must run before loss()")
+        i = torch.randint(len(self.targets), (batch_size,), generator=generator).tolist()
+        c = ctx.encode([self.targets[k] for k in i])
+        c_anchor = ctx.encode([self.anchors[k] for k in i])
+        c_keep = None
+        if self.config.preserve_weight > 0 and ctx.retain_prompts:
+            j = torch.randint(len(ctx.retain_prompts), (batch_size,), generator=generator).tolist()
+            c_keep = ctx.encode([ctx.retain_prompts[k] for k in j])
+        layers = cross_attention_projections(ctx.student, self.config.projections)
+        total = torch.zeros((), device=c.device)
+        for name, proj in layers.items():
+            with torch.no_grad():
+                if self.config.target_model == "student":
+                    target = proj(c_anchor)
+                else:
+                    target = self._initial_projection(name, c_anchor)
+            total = total + F.mse_loss(proj(c), target)
+            if c_keep is not None:
+                with torch.no_grad():
+                    keep_target = self._initial_projection(name, c_keep)
+                total = total + self.config.preserve_weight * F.mse_loss(proj(c_keep), keep_target)
+        return total / len(layers)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"initial.{k}": v.detach().cpu() for k, v in self._initial.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        restored = {k.removeprefix("initial."): v for k, v in state.items() if k.startswith("initial.")}
+        if restored:
+            self._initial = restored
