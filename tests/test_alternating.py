@@ -54,3 +54,22 @@ def test_each_level_updates_only_its_parameters():
     w1 = model.weight.detach().clone()
     solver.step(problem, 1)
     assert torch.equal(model.weight, w1) and not torch.equal(model.bias, b0)
+
+
+def test_runner_partitions_parameters_by_coupling(tiny_pipe):
+    """shared: both levels train the same tensors; split: the lower level trains exactly what the upper does not."""
+    from bilevel.core.config import RunConfig
+    from bilevel.core.problem_builder import build_problem
+    from bilevel.core.tinyworld.world import TinyWorld
+    from bilevel.plugins.unlearners.esd import ESD, ESDConfig
+
+    world = TinyWorld.build(tiny_pipe, ["purple"], finetune_size=32, concept_size=8, seed=0)
+    config = RunConfig()
+    student = __import__("copy").deepcopy(tiny_pipe.unet).requires_grad_(True)
+    esd = ESD(ESDConfig(variant="x", xt_source="data"))
+    everything = set(dict(student.named_parameters()))
+    shared = build_problem(student, world, config, config.training.weights, [], esd, "shared")
+    assert set(shared.lower_params) == everything and all(".attn2." in k for k in shared.upper_params)
+    split = build_problem(student, world, config, config.training.weights, [], esd, "split")
+    assert set(split.upper_params) == set(shared.upper_params)
+    assert set(split.lower_params) == everything - set(split.upper_params)

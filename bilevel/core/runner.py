@@ -26,15 +26,14 @@ from torch import nn
 from .checkpoint import ArmState, load_checkpoint, load_unlearner_state, read_state, save_checkpoint
 from .config import LossWeights, RunConfig, build_config, read_config_file
 from .errors import BilevelError, NonFiniteLossError
-from .features import FeaturePair
-from .interfaces import BilevelProblem, CalibrationBatch, Objective, PruneResult, UnlearnContext, Unlearner
+from .interfaces import CalibrationBatch, PruneResult, Unlearner
 from .io import atomic_save_tensors, atomic_write_text, load_tensors
-from .lower_level import DrawCounter, make_lower_objective
+from .lower_level import DrawCounter
 from .modelinfo import model_stats
+from .problem_builder import LowerOnly, UpperOnly, build_problem, upper_updates
 from .report import console, image_grid, results_table, write_json
-from .steps import gradient_step, lower_step
 from .student_io import WEIGHTS, make_manifest, save_student
-from .training import TrainState, run_solver, warmup_schedule
+from .training import TrainState, run_solver
 
 RUN_MARKER = "config.json"
 DONE = "DONE"
@@ -206,7 +205,7 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
         if resume:
             load_unlearner_state(ckpt, unl)  # before prepare(), which then reuses it
         counters = {"lower": DrawCounter(tc.seed, salt=1), "upper": DrawCounter(tc.seed, salt=2)}
-        problem = _build_problem(student, world, config, weights, pairs, unl, coupling, out / "unlearner", counters)
+        problem = build_problem(student, world, config, weights, pairs, unl, coupling, out / "unlearner", counters)
         arm_solver.setup(problem)
         arm_state = ArmState(problem, arm_solver, unl, counters)
         state = load_checkpoint(ckpt, arm_state, steps) if resume else None
@@ -241,7 +240,7 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
         if skip(arm):
             continue
         weights = LossWeights(task=1.0, output=0.0, feature=0.0) if arm == "ddpm" else tc.weights
-        arm_solver = solver if arm == "bilevel" else _LowerOnly()
+        arm_solver = solver if arm == "bilevel" else LowerOnly()
         student, histories[arm], seconds = train_arm(
             arm, pruned.student, arm_solver, unlearner if arm == "bilevel" else None, tc.steps, weights
         )
@@ -257,11 +256,11 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
             kd_seconds = float(done["kd"][0].get("train_seconds", 0.0))
         else:
             kd_student, histories["kd"], kd_seconds = train_arm(
-                "kd", pruned.student, _LowerOnly(), None, tc.steps, tc.weights
+                "kd", pruned.student, LowerOnly(), None, tc.steps, tc.weights
             )
-        erase_steps = _upper_updates(histories.get("bilevel"), solver, tc.steps)
+        erase_steps = upper_updates(histories.get("bilevel"), solver, tc.steps)
         student, histories["two-stage"], seconds = train_arm(
-            "two-stage", kd_student, _UpperOnly(), unlearner, erase_steps, tc.weights
+            "two-stage", kd_student, UpperOnly(), unlearner, erase_steps, tc.weights
         )
         finish("two-stage", student, kd_seconds + seconds)
 
@@ -333,127 +332,3 @@ def _calibration(world, config: RunConfig) -> CalibrationBatch:
     return CalibrationBatch(
         x0=world.finetune.images[:n], cond=world.bank(world.finetune.prompts[:n]), alphas_cumprod=world.alphas_cumprod
     )
-
-
-def unlearn_context(student: nn.Module, reference: nn.Module, world, run_dir: Path | None, seed: int) -> UnlearnContext:
-    """Everything an unlearner may use; `reference` is the frozen model its targets come from."""
-    return UnlearnContext(
-        student=student,
-        teacher=reference,
-        concepts=list(world.concepts),
-        concept_prompts=world.concept_prompts(),
-        retain_prompts=world.retain_prompts(),
-        encode=world.bank,
-        concept_images=world.concept_data.images,
-        concept_image_prompts=world.concept_data.prompts,
-        retain_images=world.finetune.images,
-        retain_image_prompts=world.finetune.prompts,
-        alphas_cumprod=world.alphas_cumprod,
-        scheduler_config=world.scheduler_config,
-        sample_shape=world.sample_shape,
-        run_dir=run_dir,
-        device=world.device,
-        seed=seed,
-    )
-
-
-def _build_problem(
-    student: nn.Module,
-    world,
-    config: RunConfig,
-    weights: LossWeights,
-    pairs: list[FeaturePair],
-    unlearner: Unlearner | None,
-    coupling: str = "shared",
-    run_dir: Path | None = None,
-    counters: dict[str, DrawCounter] | None = None,
-) -> BilevelProblem:
-    """The KD lower level and (for the bilevel arm) the unlearner's upper level over one student.
-
-    coupling 'split' gives the lower level every parameter the upper level does not train. counters ('lower',
-    'upper'): the data-draw counters, passed in so a checkpoint can save and restore them.
-    """
-    tc = config.training
-    counters = (
-        counters
-        if counters is not None
-        else {"lower": DrawCounter(tc.seed, salt=1), "upper": DrawCounter(tc.seed, salt=2)}
-    )
-    lower = make_lower_objective(
-        student, world.teacher, world.finetune.images, world.bank(world.finetune.prompts), world.bank.empty(1)[0],
-        world.alphas_cumprod, weights, pairs, tc.batch_size, counters["lower"],
-    )  # fmt: skip
-    lower_params = dict(student.named_parameters())
-    lower_opt = torch.optim.AdamW(lower_params.values(), lr=tc.lower_lr, weight_decay=0.0)
-    if unlearner is None:
-        upper = Objective(draw=lambda: None, loss=lambda _: torch.zeros(()))
-        upper_params: dict[str, nn.Parameter] = {}
-        upper_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
-        before = None
-    else:
-        ctx = unlearn_context(student, world.teacher, world, run_dir, config.training.seed)
-        unlearner.prepare(ctx)
-        counter = counters["upper"]
-        upper = Objective(draw=counter.next, loss=lambda gen: unlearner.loss(ctx, tc.upper_batch_size, gen))
-        upper_params = unlearner.trainable_parameters(student)
-        if not upper_params:
-            raise BilevelError(f"unlearner {unlearner.name!r} selected no trainable parameters in this student")
-        if coupling == "split":
-            lower_params = {k: v for k, v in lower_params.items() if k not in upper_params}
-            if not lower_params:
-                raise BilevelError(
-                    f"split coupling leaves no parameters for the lower level: {unlearner.name!r} trains all"
-                )
-            lower_opt = torch.optim.AdamW(lower_params.values(), lr=tc.lower_lr, weight_decay=0.0)
-        upper_opt = torch.optim.AdamW(upper_params.values(), lr=tc.upper_lr, weight_decay=0.0)
-        before = lambda: unlearner.before_step(student)
-    return BilevelProblem(
-        model=student,
-        lower=lower,
-        upper=upper,
-        lower_params=lower_params,
-        upper_params=upper_params,
-        lower_optimizer=lower_opt,
-        upper_optimizer=upper_opt,
-        coupling=coupling,
-        before_upper_step=before,
-        lower_scheduler=warmup_schedule(lower_opt, tc.warmup),
-        upper_scheduler=warmup_schedule(upper_opt, tc.warmup) if unlearner is not None else None,
-    )
-
-
-def _upper_updates(bilevel_history: list[dict[str, Any]] | None, solver, steps: int) -> int:
-    """How many upper updates the bilevel arm made (or, if it did not run, would make)."""
-    if bilevel_history:
-        return max(1, int(bilevel_history[-1].get("upper_updates", 0)))
-    return max(1, steps // int(getattr(solver.config, "upper_every", 1)))
-
-
-class _UpperOnly:
-    """The two-stage baseline's erase stage: upper-level (unlearning) steps only."""
-
-    name = "upper-only"
-    config = None
-
-    def setup(self, problem: BilevelProblem) -> None:
-        pass
-
-    def step(self, problem: BilevelProblem, step: int) -> dict[str, float]:
-        loss = problem.upper.loss(problem.upper.draw())
-        gradient_step(
-            loss, problem.upper_params, problem.upper_optimizer, problem.before_upper_step, problem.upper_scheduler
-        )
-        return {"upper_loss": float(loss.detach())}
-
-
-class _LowerOnly:
-    """The baselines' 'solver': lower-level steps only (DDPM-only or KD-only fine-tuning)."""
-
-    name = "lower-only"
-    config = None
-
-    def setup(self, problem: BilevelProblem) -> None:
-        pass
-
-    def step(self, problem: BilevelProblem, step: int) -> dict[str, float]:
-        return {"lower_loss": lower_step(problem)}

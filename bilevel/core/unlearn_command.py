@@ -19,9 +19,9 @@ from torch import nn
 
 from .errors import BilevelError, NonFiniteLossError
 from .interfaces import UnlearnContext, Unlearner
+from .problem_builder import unlearn_context
 from .progress import progress_bar
 from .report import console, image_grid, results_table, write_json
-from .runner import unlearn_context
 from .student_io import MANIFEST, make_manifest, read_manifest, save_student
 
 RESULT_FILE = "unlearn.json"
