@@ -4,31 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import BilevelError
 from .modelinfo import model_stats
-from .models import load_tiny_pipeline
+from .models import load_model
 from .report import console, image_grid, results_table, write_json
-from .student_io import MANIFEST, load_student
 from .tinyworld.evaluation import evaluate_tiny
 from .tinyworld.world import TinyWorld
-
-
-def load_unet_for_eval(model: str):
-    """(pipeline for text/scheduler, unet to evaluate): a student folder pairs with the shipped tiny pipeline."""
-    path = Path(model)
-    if path.is_dir() and (path / MANIFEST).is_file():
-        unet, _ = load_student(path)
-        return load_tiny_pipeline("tiny"), unet
-    if model != "tiny" and not path.exists():
-        raise BilevelError(f"model {model!r} not found; accepted: 'tiny', a pipeline folder, or a student folder")
-    pipe = load_tiny_pipeline(model)
-    return pipe, pipe.unet
 
 
 def evaluate_model(
     model: str, concepts: list[str], samples: int, steps: int, guidance: float, seed: int, out: Path | None
 ) -> dict:
-    pipe, unet = load_unet_for_eval(model)
+    pipe, unet, _ = load_model(model)
     world = TinyWorld.build(pipe, concepts, finetune_size=max(512, samples * 8), concept_size=64, seed=0)
     result = evaluate_tiny(unet, world, samples_per_colour=samples, steps=steps, guidance=guidance, seed=seed)
     stats = model_stats(unet)

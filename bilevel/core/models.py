@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from .errors import BilevelError
 
+#: Manifest keys that describe a student's structure (everything else is provenance worth carrying over).
+STRUCTURE_KEYS = {"format", "config", "shapes", "module_attrs", "feature_pairs"}
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TINY_TEACHER = ASSETS / "tiny-teacher"
 
@@ -65,3 +68,26 @@ def quiet_hub_libraries() -> None:
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+def load_model(model: str, pipeline: str = "tiny", device: str = "cpu") -> tuple[Any, Any, dict[str, Any]]:
+    """(pipeline for text encoder/scheduler, UNet, manifest extras to carry over) for the tiny world.
+
+    `model`: 'tiny', a pipeline folder (model_index.json) or a student folder (manifest.json); a student is paired
+    with `pipeline`'s text encoder and scheduler.
+    """
+    from .student_io import MANIFEST, load_student, read_manifest
+
+    path = Path(model).expanduser()
+    if model != "tiny" and path.is_dir() and (path / MANIFEST).is_file():
+        read_manifest(path)  # one-line error for a foreign or corrupt manifest
+        unet, manifest = load_student(path, device)
+        pipe = load_tiny_pipeline(pipeline, device)
+        extras = {k: v for k, v in manifest.items() if k not in STRUCTURE_KEYS}
+        return pipe, unet, extras
+    if model != "tiny" and not path.exists():
+        raise BilevelError(f"model {model!r} not found; accepted: 'tiny', a pipeline folder or a student folder")
+    if model != "tiny" and path.is_dir() and not (path / "model_index.json").is_file():
+        raise BilevelError(f"{path} is neither a pipeline folder (model_index.json) nor a student folder ({MANIFEST})")
+    pipe = load_tiny_pipeline(model, device)
+    return pipe, pipe.unet, {}

@@ -19,10 +19,11 @@ from torch import nn
 
 from .errors import BilevelError, NonFiniteLossError
 from .interfaces import UnlearnContext, Unlearner
+from .models import load_model
 from .problem_builder import unlearn_context
 from .progress import progress_bar
 from .report import console, image_grid, results_table, write_json
-from .student_io import MANIFEST, make_manifest, read_manifest, save_student
+from .student_io import make_manifest, save_student
 
 RESULT_FILE = "unlearn.json"
 COLUMNS = [
@@ -33,7 +34,6 @@ COLUMNS = [
     ("swd", "SWD"),
     ("train_seconds", "train s"),
 ]
-_STRUCTURE_KEYS = {"format", "config", "shapes", "module_attrs", "feature_pairs"}
 
 
 @dataclass(frozen=True)
@@ -64,31 +64,6 @@ class UnlearnResult:
     before: dict[str, Any]
     after: dict[str, Any]
     history: list[dict[str, float]]
-
-
-def load_model(model: str, pipeline: str = "tiny", device: str = "cpu") -> tuple[Any, nn.Module, dict[str, Any]]:
-    """(pipeline for text encoder/scheduler, UNet to erase, manifest extras to carry over).
-
-    `model`: 'tiny', a pipeline folder (model_index.json) or a student folder (manifest.json); a student is paired
-    with `pipeline`'s text encoder and scheduler.
-    """
-    from .models import load_tiny_pipeline
-    from .student_io import load_student
-
-    path = Path(model).expanduser()
-    if model != "tiny" and path.is_dir() and (path / MANIFEST).is_file():
-        read_manifest(path)  # one-line error for a foreign or corrupt manifest
-        unet, manifest = load_student(path, device)
-        pipe = load_tiny_pipeline(pipeline, device)
-        extras = {k: v for k, v in manifest.items() if k not in _STRUCTURE_KEYS}
-        return pipe, unet, extras
-    if model != "tiny" and not path.exists():
-        raise BilevelError(f"model {model!r} not found; accepted: 'tiny', a pipeline folder or a student folder")
-    if model != "tiny" and path.is_dir() and not (path / "model_index.json").is_file():
-        raise BilevelError(f"{path} is neither a pipeline folder (model_index.json) nor a student folder ({MANIFEST})")
-    pipe = load_tiny_pipeline(model, device)
-    return pipe, pipe.unet, {}
-
 
 
 def train_unlearner(
