@@ -19,7 +19,7 @@ import torch
 
 from .errors import BilevelError
 from .interfaces import BilevelProblem, Unlearner
-from .io import atomic_save_tensors, atomic_write_text, load_tensors
+from .io import atomic_save_tensors, atomic_write_text, load_tensors, read_format_json
 from .lower_level import DrawCounter
 from .training import TrainState
 
@@ -84,13 +84,7 @@ def read_state(folder: Path) -> dict[str, Any] | None:
     path = Path(folder) / STATE
     if not path.is_file():
         return None
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BilevelError(f"corrupt checkpoint {path}: {exc}; remove the folder to restart this arm") from None
-    if meta.get("format") != FORMAT:
-        raise BilevelError(f"unsupported checkpoint format {meta.get('format')!r} in {path}; expected {FORMAT!r}")
-    return meta
+    return read_format_json(path, FORMAT, "checkpoint", "; remove the folder to restart this arm")
 
 
 def load_unlearner_state(folder: Path, unlearner: Unlearner | None) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -35,3 +37,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def read_format_json(path: Path, expected_format: str, what: str, fix: str = "") -> dict[str, Any]:
+    """A JSON file whose 'format' field must equal expected_format; corrupt or foreign files are one-line errors."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BilevelError(f"corrupt {what} {path}: {exc}{fix}") from None
+    if data.get("format") != expected_format:
+        raise BilevelError(f"unsupported {what} format {data.get('format')!r} in {path}; expected {expected_format!r}")
+    return data

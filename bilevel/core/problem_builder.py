@@ -67,7 +67,6 @@ def build_problem(
         world.alphas_cumprod, weights, pairs, tc.batch_size, counters["lower"],
     )  # fmt: skip
     lower_params = dict(student.named_parameters())
-    lower_opt = torch.optim.AdamW(lower_params.values(), lr=tc.lower_lr, weight_decay=0.0)
     if unlearner is None:
         upper = Objective(draw=lambda: None, loss=lambda _: torch.zeros(()))
         upper_params: dict[str, nn.Parameter] = {}
@@ -87,9 +86,9 @@ def build_problem(
                 raise BilevelError(
                     f"split coupling leaves no parameters for the lower level: {unlearner.name!r} trains all"
                 )
-            lower_opt = torch.optim.AdamW(lower_params.values(), lr=tc.lower_lr, weight_decay=0.0)
         upper_opt = torch.optim.AdamW(upper_params.values(), lr=tc.upper_lr, weight_decay=0.0)
         before = lambda: unlearner.before_step(student)
+    lower_opt = torch.optim.AdamW(lower_params.values(), lr=tc.lower_lr, weight_decay=0.0)
     return BilevelProblem(
         model=student,
         lower=lower,

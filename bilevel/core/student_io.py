@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import BilevelError
 from .features import FeaturePair
-from .io import atomic_save_tensors, atomic_write_text, load_tensors
+from .io import atomic_save_tensors, atomic_write_text, load_tensors, read_format_json
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -71,13 +71,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise BilevelError(f"no student manifest at {path}; expected a folder written by `bilevel run`/`bilevel prune`")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BilevelError(f"corrupt manifest {path}: {exc}") from None
-    if manifest.get("format") != FORMAT:
-        raise BilevelError(f"unsupported student format {manifest.get('format')!r} in {path}; expected {FORMAT!r}")
-    return manifest
+    return read_format_json(path, FORMAT, "student manifest")
 
 
 def load_student(folder: Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -90,11 +84,15 @@ def load_student(folder: Path, device: str = "cpu") -> tuple[nn.Module, dict[str
     resize_to(model, manifest["shapes"], manifest.get("module_attrs", {}))
     expected = set(manifest["shapes"])
     if set(state) != expected:
-        raise BilevelError(f"weights in {folder / WEIGHTS} do not match its manifest ({len(set(state) ^ expected)} tensors differ)")
+        raise BilevelError(
+            f"weights in {folder / WEIGHTS} do not match its manifest ({len(set(state) ^ expected)} tensors differ)"
+        )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise BilevelError(f"weights in {folder} do not fit the manifest's structure: {str(exc).splitlines()[0]}") from None
+        raise BilevelError(
+            f"weights in {folder} do not fit the manifest's structure: {str(exc).splitlines()[0]}"
+        ) from None
     return model.to(device).eval(), manifest
 
 
