@@ -27,7 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="prune, fine-tune bilevel (with baselines), evaluate, report")
     run.add_argument("--config", type=Path, help="YAML/TOML/JSON run config; flags override it")
-    run.add_argument("--model", help="teacher: 'tiny' (shipped) or a local diffusers pipeline folder")
+    run.add_argument("--model", help="teacher: 'tiny' (shipped), a local diffusers pipeline folder (tiny or Stable "
+                     "Diffusion) or a hub id of a Stable Diffusion pipeline")
+    run.add_argument("--trust-remote-code", action="store_true", default=None,
+                     help="allow a pipeline whose model_index.json names custom code (off by default)")  # fmt: skip
     run.add_argument("--pruner", help="pruner plugin name (see `bilevel plugins`)")
     run.add_argument("--unlearner", help="unlearner plugin name")
     run.add_argument("--solver", help="bilevel solver plugin name")
@@ -43,6 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="torch device, e.g. cpu or cuda")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override any config value, e.g. --set training.upper_lr=1e-3 --set pruner.options.ratio=0.4")  # fmt: skip
+
+    ab = sub.add_parser("ablate", help="a grid of runs (pruners x unlearners x solvers x seeds + baselines) and its report")
+    ab.add_argument("--config", type=Path, help="YAML/TOML/JSON grid file; flags override it")
+    ab.add_argument("--pruners", help="comma-separated pruner names (default: every built-in)")
+    ab.add_argument("--unlearners", help="comma-separated unlearner names (default: every built-in)")
+    ab.add_argument("--solvers", help="comma-separated solver names (default: alternating)")
+    ab.add_argument("--seeds", help="comma-separated training seeds (default: 0)")
+    ab.add_argument("--baselines", help="comma-separated: teacher,pruned,ddpm,kd,two-stage (default: all but ddpm)")
+    ab.add_argument("--quick", action="store_true", help="bk-sdm x esd,concept-ablation, 300 steps: a few minutes")
+    ab.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="run-config override for every cell, e.g. training.steps=300 (repeatable)")  # fmt: skip
+    ab.add_argument("--out", type=Path, help="grid folder (default runs/ablation, or runs/ablation-quick)")
+    ab.add_argument("--overwrite", action="store_true", help="replace a different grid in --out")
+    ab.add_argument("--report-only", action="store_true", help="rewrite the report from finished cells; run nothing")
+    ab.add_argument("--check-html", action="store_true",
+                    help="render report.html in headless Chromium (writes report.png) and fail if it is broken")  # fmt: skip
 
     ev = sub.add_parser("eval", help="evaluate a model on the tiny world")
     ev.add_argument("model", help="'tiny', a pipeline folder, or a student folder written by bilevel")
@@ -111,6 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     flag_overrides = {
         "model.source": args.model,
         "model.device": args.device,
+        "model.trust_remote_code": args.trust_remote_code,
         "pruner.name": args.pruner,
         "unlearner.name": args.unlearner,
         "solver.name": args.solver,
@@ -143,7 +163,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 #: `run` flags that would change a run; --resume refuses them rather than continue a different run than was started.
 _RUN_FLAGS = (
     "config", "model", "pruner", "unlearner", "solver", "concept", "steps", "arms", "schedule", "overwrite", "device",
-    "overrides",
+    "trust_remote_code", "overrides",
 )  # fmt: skip
 
 
@@ -151,7 +171,7 @@ def _resume_run(args: argparse.Namespace) -> int:
     """`run --resume --out DIR`: the config comes from DIR/config.json alone."""
     if args.out is None:
         raise BilevelError("--resume needs --out: the folder of the run to continue")
-    given = [f"--{'set' if name == 'overrides' else name}" for name in _RUN_FLAGS if getattr(args, name)]
+    given = [f"--{'set' if name == 'overrides' else name.replace('_', '-')}" for name in _RUN_FLAGS if getattr(args, name)]
     if given:
         saved = args.out / "config.json"
         raise BilevelError(
@@ -161,6 +181,12 @@ def _resume_run(args: argparse.Namespace) -> int:
 
     run(load_saved_config(args.out), resume=True)
     return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from .core.ablation.commands import ablate
+
+    return ablate(args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -255,7 +281,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "prune": cmd_prune, "unlearn": cmd_unlearn, "teacher": cmd_teacher, "plugins": cmd_plugins}
+COMMANDS = {"run": cmd_run, "ablate": cmd_ablate, "eval": cmd_eval, "prune": cmd_prune, "unlearn": cmd_unlearn, "teacher": cmd_teacher, "plugins": cmd_plugins}
 
 if __name__ == "__main__":  # pragma: no cover
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

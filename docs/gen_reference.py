@@ -243,6 +243,14 @@ def config_reference() -> str:
     ]
     for name in run_config_sections():
         out += _section_docs(_submodel(RunConfig.model_fields[name].annotation), name, 3)
+    from bilevel.core.ablation.grid import AblationGrid
+
+    out += [
+        "## Ablation grid (`AblationGrid`)\n",
+        cell(" ".join((AblationGrid.__doc__ or "").split()))
+        + " Read by `bilevel ablate --config FILE`; see [ablation studies](../ablation.md).\n",
+        model_table(AblationGrid),
+    ]
     reg = _registry()
     out.append(
         "## Plugin options\n\n"

@@ -116,3 +116,12 @@ def test_invalid_plugin_option_is_one_line():
     assert "ratio" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(BilevelError, match="options: ratio"):
         reg.create("pruner", "magnitude", {"ratoi": 0.2})
+
+
+def test_unknown_option_is_refused_even_if_the_plugin_config_would_ignore_it(site):
+    lax = GOOD_PLUGIN.replace('model_config = ConfigDict(extra="forbid")', "pass").replace("fakeplug_good", "x")
+    make_distribution(site, "lax-plugin", "fakeplug_lax", lax)
+    reg = build_registry()
+    assert reg.create("unlearner", "noise-test", {"scale": 3.0}).config.scale == 3.0
+    with pytest.raises(BilevelError, match=r"has no option 'sacle'; options: scale"):
+        reg.create("unlearner", "noise-test", {"sacle": 3.0})

@@ -257,3 +257,42 @@ def test_finite_difference_hvp_matches_autograd(scheme, tol):
         for u, w in zip(a, b):
             assert (u - w).abs().max() <= tol * scale
     assert all(t.abs().sum() == 0 for t in fd([torch.zeros(5, dtype=D), torch.zeros(3, 2, dtype=D)]))
+
+
+def test_t1_warm_started_cg_converges_to_the_same_solution(t1):
+    """From any start, dim(y) iterations solve the system exactly (as from zero); a start at the solution costs
+    only the residual's HVP; the stopping tolerance stays relative to ||b||."""
+    A = t1["A"]
+    b = [torch.randn(NY, dtype=D, generator=torch.Generator().manual_seed(7))]
+    exact = torch.linalg.solve(A, b[0])
+    calls: list[int] = []
+
+    def hvp(v):
+        calls.append(1)
+        return [A @ v[0]]
+
+    x0 = [torch.randn(NY, dtype=D, generator=torch.Generator().manual_seed(8))]
+    torch.testing.assert_close(conjugate_gradient(hvp, b, NY, x0=x0)[0], exact, rtol=0, atol=1e-10)
+    torch.testing.assert_close(conjugate_gradient(hvp, b, NY)[0], exact, rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        conjugate_gradient(hvp, b, NY, damping=0.4, x0=x0)[0],
+        torch.linalg.solve(A + 0.4 * torch.eye(NY, dtype=D), b[0]), rtol=0, atol=1e-10,
+    )  # fmt: skip
+    calls.clear()
+    torch.testing.assert_close(conjugate_gradient(hvp, b, NY, tol=1e-10, x0=[exact])[0], exact, rtol=0, atol=1e-12)
+    assert len(calls) == 1  # only the residual's HVP
+    assert x0[0].data_ptr() != conjugate_gradient(hvp, b, 1, x0=x0)[0].data_ptr()  # the start is not modified
+
+
+def test_t1_warm_start_accumulates_across_solves(t1):
+    """Re-solving one system with 2 iterations per solve: warm-started, the error shrinks solve after solve;
+    cold, it stays at the 2-iteration error (why warm starts help when successive systems are close)."""
+    A = t1["A"]
+    b = [torch.randn(NY, dtype=D, generator=torch.Generator().manual_seed(9))]
+    exact = torch.linalg.solve(A, b[0])
+    cold = float((conjugate_gradient(lambda v: [A @ v[0]], b, 2)[0] - exact).norm())
+    v = None
+    for _ in range(6):
+        v = conjugate_gradient(lambda u: [A @ u[0]], b, 2, x0=v)
+    warm = float((v[0] - exact).norm())
+    assert cold > 1e-2 and warm < 1e-2 * cold

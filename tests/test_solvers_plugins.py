@@ -17,6 +17,7 @@ from bilevel.plugins.solvers.unrolled import UnrolledSolver
 
 D = torch.float64
 NX, NY = 3, 5
+PLAIN_IFT = {"upper_every": 1, "hvp_batch_size": None}  # the plain estimator: every step, H on the whole batch
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +81,7 @@ def test_implicit_split_step_is_exact_hypergradient(hvp):
     problem, k = split_problem()
     m, A, B = problem.model, k["A"], k["B"]
     x0, y0 = m.x.detach().clone(), m.y.detach().clone()
-    solver = ImplicitSolver(ImplicitSolver.Config(coupling="split", iters=NY, hvp=hvp))
+    solver = ImplicitSolver(ImplicitSolver.Config(coupling="split", iters=NY, hvp=hvp, **PLAIN_IFT))
     solver.setup(problem)
     metrics = solver.step(problem, 0)
     y1 = y0 - 0.1 * (A @ y0 - B @ x0 - k["c"])
@@ -95,7 +96,9 @@ def test_implicit_proximal_neumann_step_matches_closed_form():
     A, mu, y0 = k["A"], k["mu"], problem.model.y.detach().clone()
     K, alpha = 4, 0.3
     solver = ImplicitSolver(
-        ImplicitSolver.Config(coupling="proximal", mu=mu, linear_solver="neumann", iters=K, neumann_alpha=alpha)
+        ImplicitSolver.Config(
+            coupling="proximal", mu=mu, linear_solver="neumann", iters=K, neumann_alpha=alpha, **PLAIN_IFT
+        )
     )
     solver.setup(problem)
     solver.step(problem, 0)
@@ -138,6 +141,145 @@ def test_unrolled_proximal_step_matches_closed_form():
     torch.testing.assert_close(solver.state_dict()["anchors"]["y"], x0 - 0.2 * jac @ (y - k["yt"]), rtol=0, atol=1e-10)
 
 
+# ------------------------------------------------------------------ implicit's cost options
+def _clone_split(problem):
+    """A second split problem (same closed form) holding the same current x and y."""
+    twin, _ = split_problem()
+    with torch.no_grad():
+        twin.model.x.copy_(problem.model.x)
+        twin.model.y.copy_(problem.model.y)
+    return twin
+
+
+def test_implicit_warm_start_converges_to_the_same_steps_and_resumes():
+    (cold_p, _), (warm_p, _) = split_problem(), split_problem()
+    cold = ImplicitSolver(ImplicitSolver.Config(coupling="split", iters=NY, **PLAIN_IFT))
+    warm = ImplicitSolver(ImplicitSolver.Config(coupling="split", iters=NY + 1, warm_start=True, **PLAIN_IFT))
+    for s in range(3):  # with enough iterations the warm start reaches the same (exact) solution
+        cold.step(cold_p, s)
+        warm.step(warm_p, s)
+        torch.testing.assert_close(warm_p.model.x.detach(), cold_p.model.x.detach(), rtol=0, atol=1e-8)
+    # with 2 HVPs the warm start matters, and a resumed solver must carry it
+    config = ImplicitSolver.Config(coupling="split", iters=2, warm_start=True, **PLAIN_IFT)
+    problem, _ = split_problem()
+    first = ImplicitSolver(config)
+    for s in range(3):
+        first.step(problem, s)
+    state = first.state_dict()
+    assert set(state["cg_start"]) == {"y"}
+    resumed, fresh = ImplicitSolver(config), ImplicitSolver(config)
+    resumed.load_state_dict(state)  # before setup, as the runner does
+    twin_resumed, twin_fresh = _clone_split(problem), _clone_split(problem)
+    first.step(problem, 3)
+    resumed.step(twin_resumed, 3)
+    fresh.step(twin_fresh, 3)
+    torch.testing.assert_close(twin_resumed.model.x.detach(), problem.model.x.detach(), rtol=0, atol=0)
+    assert (twin_fresh.model.x.detach() - problem.model.x.detach()).abs().max() > 1e-6
+
+
+def test_implicit_upper_every_is_respected():
+    problem, _ = split_problem()
+    solver = ImplicitSolver(ImplicitSolver.Config(coupling="split", iters=2, upper_every=3))
+    xs, ran = [], []
+    for s in range(6):
+        ran.append("upper_loss" in solver.step(problem, s))
+        xs.append(problem.model.x.detach().clone())
+    assert ran == [False, False, True] * 2
+    assert torch.equal(xs[0], xs[1]) and not torch.equal(xs[1], xs[2]) and torch.equal(xs[2], xs[4])
+    from bilevel.plugins.solvers.alternating import AlternatingConfig
+
+    assert ImplicitSolver.Config().upper_every == AlternatingConfig().upper_every  # as many upper updates
+
+
+@pytest.mark.parametrize("hvp", ["autograd", "finite-difference"])
+@pytest.mark.parametrize("n", [8, None])
+def test_implicit_hvp_batch_size_draws_the_requested_batch(hvp, n):
+    sizes: list[int] = []
+    problem = mlp_problem("proximal")
+    loss = problem.lower.loss
+    problem.lower.loss = lambda batch: sizes.append(len(batch[0])) or loss(batch)
+    solver = ImplicitSolver(
+        ImplicitSolver.Config(coupling="proximal", iters=2, upper_every=1, hvp_batch_size=n, hvp=hvp)
+    )
+    solver.step(problem, 0)
+    assert sizes[0] == 32  # the lower step itself
+    assert sizes[1:] and set(sizes[1:]) == {32 if n is None else n}
+
+
+def test_batch_head_slices_per_sample_tensors_only():
+    from dataclasses import dataclass
+
+    from bilevel.core.functional import batch_head
+
+    @dataclass
+    class Inner:
+        eps: torch.Tensor
+        feats: dict
+
+    @dataclass
+    class Batch:
+        x: torch.Tensor
+        scale: torch.Tensor  # not per-sample: kept
+        pair: tuple
+        inner: Inner
+        note: str
+
+    b = Batch(
+        torch.arange(10.0), torch.ones(3), (torch.zeros(10, 2), 5), Inner(torch.ones(10, 4), {"a": torch.ones(10)}), "n"
+    )
+    h = batch_head(b, 4)
+    assert torch.equal(h.x, torch.arange(4.0)) and h.scale.shape == (3,) and h.pair[0].shape == (4, 2)
+    assert h.pair[1] == 5 and h.inner.eps.shape == (4, 4) and h.inner.feats["a"].shape == (4,) and h.note == "n"
+    assert batch_head(b, 10) is b and batch_head(None, 4) is None
+
+
+def _block_problem(mu: float, lr_low: float = 0.1, lr_up: float = 0.2):
+    """Proximal problem whose lower level has y (anchored, 5) and z (3): G = 1/2 w'Aw - c'w (+ mu/2||y - x||^2),
+    w = [y; z]; F = 1/2 ||w - t||^2. The upper level trains y only."""
+    gen = torch.Generator().manual_seed(11)
+    n = NY + 3
+    A, c, t = _spd(n, gen), torch.randn(n, generator=gen, dtype=D), torch.randn(n, generator=gen, dtype=D)
+    m = Vars(y=torch.randn(NY, generator=gen, dtype=D), z=torch.randn(3, generator=gen, dtype=D))
+
+    def w():
+        return torch.cat([m.y, m.z])
+
+    problem = BilevelProblem(
+        model=m, lower=Objective(draw=lambda: None, loss=lambda _: 0.5 * w() @ A @ w() - c @ w()),
+        upper=Objective(draw=lambda: None, loss=lambda _: 0.5 * ((w() - t) ** 2).sum()),
+        lower_params={"y": m.y, "z": m.z}, upper_params={"y": m.y},
+        lower_optimizer=torch.optim.SGD([m.y, m.z], lr=lr_low), upper_optimizer=torch.optim.SGD([m.y], lr=lr_up),
+        coupling="proximal",
+    )  # fmt: skip
+    return problem, A, c, t
+
+
+@pytest.mark.parametrize("block", ["full", "upper"])
+def test_implicit_hessian_block_matches_closed_form(block):
+    mu = 0.7
+    problem, A, c, t = _block_problem(mu)
+    w0 = torch.cat([problem.model.y, problem.model.z]).detach()
+    dim = NY if block == "upper" else NY + 3
+    solver = ImplicitSolver(
+        ImplicitSolver.Config(coupling="proximal", mu=mu, iters=dim, hessian_block=block, **PLAIN_IFT)
+    )
+    solver.step(problem, 0)
+    w1 = w0 - 0.1 * (A @ w0 - c)  # anchor = y0: no proximal pull at the first step
+    # upper: the other lower parameters held fixed, mu (A_yy + mu I)^-1 d_y F; full: mu P_U (A + mu P_U)^-1 d_w F
+    upper = mu * torch.linalg.solve(A[:NY, :NY] + mu * torch.eye(NY, dtype=D), (w1 - t)[:NY])
+    P = torch.diag(torch.cat([torch.ones(NY, dtype=D), torch.zeros(3, dtype=D)]))
+    full = mu * torch.linalg.solve(A + mu * P, w1 - t)[:NY]
+    assert (upper - full).abs().max() > 1e-2  # the two estimators differ here, so the check can tell them apart
+    hg = upper if block == "upper" else full
+    torch.testing.assert_close(solver.state_dict()["anchors"]["y"], w0[:NY] - 0.2 * hg, rtol=0, atol=1e-10)
+
+
+def test_hessian_block_upper_needs_proximal():
+    problem, _ = split_problem()
+    with pytest.raises(BilevelError, match="hessian_block 'upper' needs the proximal coupling"):
+        ImplicitSolver(ImplicitSolver.Config(coupling="split", hessian_block="upper")).setup(problem)
+
+
 # ------------------------------------------------------------------ runs move toward the known solution
 def _split_distance(problem, k):
     return float((problem.model.x.detach() - k["xstar"]).norm())
@@ -146,9 +288,9 @@ def _split_distance(problem, k):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: ImplicitSolver(ImplicitSolver.Config(coupling="split", iters=NY)),
+        lambda: ImplicitSolver(ImplicitSolver.Config(coupling="split", iters=NY, **PLAIN_IFT)),
         lambda: ImplicitSolver(
-            ImplicitSolver.Config(coupling="split", iters=3, hvp="finite-difference", fd_scheme="forward")
+            ImplicitSolver.Config(coupling="split", iters=3, hvp="finite-difference", fd_scheme="forward", **PLAIN_IFT)
         ),
         lambda: UnrolledSolver(UnrolledSolver.Config(coupling="split", inner_steps=5, inner_lr=0.3)),
         lambda: BomeSolver(BomeSolver.Config(coupling="split", inner_steps=10, inner_lr=0.3)),
@@ -169,7 +311,7 @@ def test_split_runs_converge_toward_bilevel_solution(make):
 def test_proximal_runs_converge_toward_bilevel_solution(name):
     problem, k = proximal_problem(lr_low=0.3, lr_up=0.5)
     if name == "implicit":
-        solver = ImplicitSolver(ImplicitSolver.Config(coupling="proximal", mu=k["mu"], iters=NY))
+        solver = ImplicitSolver(ImplicitSolver.Config(coupling="proximal", mu=k["mu"], iters=NY, **PLAIN_IFT))
     else:
         solver = UnrolledSolver(UnrolledSolver.Config(coupling="proximal", mu=k["mu"], inner_steps=5, inner_lr=0.3))
     solver.setup(problem)
@@ -321,6 +463,8 @@ def test_memory_flat_over_200_steps(make, coupling):
 def test_memory_check_catches_a_leak():
     leak: list = []
     grown, graphs, _ = _growth(
-        ImplicitSolver(ImplicitSolver.Config(coupling="proximal", iters=3)), mlp_problem("proximal", leak), 40
+        ImplicitSolver(ImplicitSolver.Config(coupling="proximal", iters=3, upper_every=1)),
+        mlp_problem("proximal", leak),
+        40,
     )
     assert grown >= 20 and graphs >= 20

@@ -177,6 +177,33 @@ def test_esd_pool_covers_every_concept(pipe) -> None:
     assert torch.equal(esd._pool_cond, expected)  # purple and pink prompts alternate in the pool
 
 
+def test_esd_cached_targets_match_frozen_passes_and_skip_them(pipe) -> None:
+    """The pool's cached targets equal the two frozen-model passes they replace, and no frozen pass is run."""
+    ctx = tiny_ctx(pipe, concepts=("purple", "pink"))
+    cached = ESD(ESDConfig(pool_size=6, sample_steps=3))
+    live = ESD(ESDConfig(pool_size=6, sample_steps=3, cache_targets=False))
+    cached.prepare(ctx)
+    live.prepare(ctx)
+    assert cached._pool_target is not None and live._pool_target is None
+    assert torch.equal(cached._pool, live._pool)
+    calls = []
+    hook = ctx.teacher.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        a = cached.loss(ctx, 5, torch.Generator().manual_seed(3))
+        assert not calls
+        b = live.loss(ctx, 5, torch.Generator().manual_seed(3))
+        assert len(calls) == 1  # cond and uncond batched into one frozen forward
+    finally:
+        hook.remove()
+    assert float(a.detach()) == pytest.approx(float(b.detach()), rel=1e-5, abs=1e-7)
+    xt, t, cond = cached.draw_xt(ctx, 5, torch.Generator().manual_seed(4))
+    _, _, _, target = cached._draw(ctx, 5, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        e_u = ctx.teacher(xt, t, encoder_hidden_states=ctx.encode([""]).expand(5, -1, -1)).sample
+        e_c = ctx.teacher(xt, t, encoder_hidden_states=cond).sample
+    assert torch.allclose(target, esd_target(e_u, e_c, 1.0), atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------- Concept Ablation
 def ca_with_images(config: ConceptAblationConfig, ctx: UnlearnContext) -> ConceptAblation:
     ca = ConceptAblation(config)
@@ -467,3 +494,14 @@ def test_unlearn_model_end_to_end(tmp_path: Path) -> None:
         unlearn_model(str(out), "salun", {}, ["purple"], 1, 1e-3, out, pipeline=str(src), **kw)
     with pytest.raises(BilevelError, match="unknown concept"):
         unlearn_model(str(src), "salun", {}, ["mauve"], 1, 1e-3, tmp_path / "x", **kw)
+
+
+def test_context_gives_token_level_methods_the_teachers_tokenizer(pipe) -> None:
+    from bilevel.core.problem_builder import unlearn_context
+    from bilevel.core.tinyworld.world import TinyWorld
+
+    world = TinyWorld.build(pipe, ["purple"], 16, 8, seed=0)
+    ctx = unlearn_context(copy.deepcopy(pipe.unet), pipe.unet, world, None, seed=0)
+    ids = ctx.tokenizer(["a purple circle"])["input_ids"][0]
+    assert ctx.tokenizer.convert_ids_to_tokens(ids).count("purple") == 1  # the concept is one known token
+    assert ctx.tokenizer.unk_token_id not in ids

@@ -8,12 +8,14 @@ given tensors where the parameters were and restores the originals afterwards, e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from .distributed import average_
 from .errors import BilevelError
 from .interfaces import BilevelProblem
 
@@ -101,10 +103,15 @@ def proximal_pairs(problem: BilevelProblem) -> list[tuple[str, str]]:
 
 
 def set_parameters(params: Sequence[nn.Parameter], values: Sequence[torch.Tensor]) -> None:
-    """Copy values into parameters without recording a graph (values' graphs are not kept alive)."""
+    """Copy values into parameters without recording a graph (values' graphs are not kept alive).
+
+    In data-parallel training the values are averaged over the processes: a solver that writes parameters
+    itself (unrolled's lower SGD steps) keeps the replicas identical; for one SGD step this is gradient averaging.
+    """
     with torch.no_grad():
         for p, v in zip(params, values):
             p.copy_(v)
+    average_(list(params))
 
 
 def apply_gradients(
@@ -124,6 +131,53 @@ def apply_gradients(
         p.grad = None
     if scheduler is not None:
         scheduler.step()
+
+
+def batch_head(batch: Any, n: int) -> Any:
+    """The first n samples of a batch, e.g. for Hessian-vector products on fewer samples than the lower step.
+
+    The batch size is the leading dimension of the first tensor found (depth first); every tensor with that leading
+    dimension is sliced, other values are kept, and dataclasses, mappings, lists and tuples are rebuilt around them.
+    Objectives whose batches hold per-sample tensors first (as the KD lower level's do) can thus be subsampled
+    without knowing their type. A batch of at most n samples (or without tensors) is returned unchanged.
+    """
+    size = _leading_size(batch)
+    if size is None or size <= n:
+        return batch
+
+    def cut(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return obj[:n] if obj.ndim > 0 and obj.shape[0] == size else obj
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            fields = {f.name: cut(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+            return dataclasses.replace(obj, **fields)
+        if isinstance(obj, Mapping):
+            return type(obj)({k: cut(v) for k, v in obj.items()})
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+            return type(obj)(*(cut(v) for v in obj))
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(cut(v) for v in obj)
+        return obj
+
+    return cut(batch)
+
+
+def _leading_size(obj: Any) -> int | None:
+    if isinstance(obj, torch.Tensor):
+        return int(obj.shape[0]) if obj.ndim > 0 else None
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        children: Any = (getattr(obj, f.name) for f in dataclasses.fields(obj))
+    elif isinstance(obj, Mapping):
+        children = obj.values()
+    elif isinstance(obj, (list, tuple)):
+        children = obj
+    else:
+        return None
+    for child in children:
+        size = _leading_size(child)
+        if size is not None:
+            return size
+    return None
 
 
 @contextlib.contextmanager

@@ -34,31 +34,47 @@ def grads_or_zeros(outputs: torch.Tensor | Sequence[torch.Tensor], inputs: Seque
 
 
 def conjugate_gradient(
-    hvp: HVP, b: Sequence[torch.Tensor], iters: int, damping: float = 0.0, tol: float = 0.0
+    hvp: HVP,
+    b: Sequence[torch.Tensor],
+    iters: int,
+    damping: float = 0.0,
+    tol: float = 0.0,
+    x0: Sequence[torch.Tensor] | None = None,
 ) -> Tensors:
-    """Approximately solve (H + damping I) v = b with at most `iters` HVPs, starting from v = 0.
+    """Approximately solve (H + damping I) v = b with at most `iters` CG iterations (one HVP each).
 
     iters must be explicit and >= 1: with iters = 0 CG returns v = 0, i.e. silently a zero hypergradient.
+    x0: warm start (e.g. the previous outer step's solution, when successive systems are close); its residual
+    b - (H + damping I) x0 costs one extra HVP. Without it CG starts from v = 0.
     Stops early once ||r|| <= tol ||b|| (tol = 0: only on an exactly zero residual, which happens after dim(y)
     iterations on a quadratic). H must be positive definite on the Krylov space; on non-positive curvature
-    CG stops and returns its iterate, or b itself (the H ~ I guess) if that happens at the first iteration.
+    CG stops and returns its iterate, or at the first iteration x0 if given, else b itself (the H ~ I guess).
     """
     if iters < 1:
         raise ValueError(f"conjugate_gradient needs iters >= 1, got {iters}")
-    x = [torch.zeros_like(t) for t in b]
-    r = [t.clone() for t in b]
-    p = [t.clone() for t in b]
+
+    def apply(v: Tensors) -> Tensors:
+        out = hvp(v)
+        return [a + damping * q for a, q in zip(out, v)] if damping else out
+
+    if x0 is None:
+        x = [torch.zeros_like(t) for t in b]
+        r = [t.clone() for t in b]
+    else:
+        x = [t.detach().clone() for t in x0]
+        r = [u - a for u, a in zip(b, apply(x))]
+    p = [t.clone() for t in r]
     rr = float(dot(r, r))
-    stop = tol * tol * rr
-    if rr == 0.0:
+    stop = tol * tol * float(dot(b, b))
+    if rr <= stop:  # tol = 0: only an exactly zero residual (b = 0, or x0 exact)
         return x
     for i in range(iters):
-        ap = hvp(p)
-        if damping:
-            ap = [a + damping * q for a, q in zip(ap, p)]
+        ap = apply(p)
         pap = float(dot(p, ap))
         if not pap > 0.0:  # also catches NaN
-            return [t.clone() for t in b] if i == 0 else x
+            if i > 0 or x0 is not None:
+                return x
+            return [t.clone() for t in b]
         alpha = rr / pap
         x = [u + alpha * q for u, q in zip(x, p)]
         r = [u - alpha * a for u, a in zip(r, ap)]

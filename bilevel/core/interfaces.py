@@ -83,7 +83,7 @@ class UnlearnContext:
     concept_prompts: list[str]
     retain_prompts: list[str]
     encode: Callable[[list[str]], torch.Tensor]  # prompt strings -> embeddings (cached)
-    concept_images: torch.Tensor | None  # real concept images x0 in [-1, 1], when the world has them
+    concept_images: torch.Tensor | None  # concept x0 (pixels in [-1, 1], or scaled VAE latents), when the world has them
     concept_image_prompts: list[str] | None  # the prompt of each concept image
     retain_images: torch.Tensor | None  # clean (concept-free) images x0, e.g. for a retain loss
     retain_image_prompts: list[str] | None
@@ -93,6 +93,8 @@ class UnlearnContext:
     run_dir: Path | None
     device: torch.device
     seed: int = 0
+    clamp_samples: bool = True  # teacher samples are pixels in [-1, 1] (clamp); False for latent-space worlds
+    tokenizer: Any = None  # the teacher's tokenizer (transformers), for token-level methods (e.g. a concept's tokens)
 
 
 class Unlearner(Plugin):

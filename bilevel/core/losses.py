@@ -22,6 +22,25 @@ def ddpm_loss(pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(pred, noise)
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def task_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """What the UNet is trained to output for x_t = sqrt(a) x0 + sqrt(1-a) eps: eps (epsilon models) or
+    v = sqrt(a) eps - sqrt(1-a) x0 (v-prediction models such as SD 2.x at 768 px). alpha_bar broadcasts to x0."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        a = alpha_bar.to(x0.dtype)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}; supported: {', '.join(PREDICTION_TYPES)}")
+
+
+def prediction_type(scheduler_config: dict) -> str:
+    """The scheduler's prediction type (diffusers' default is epsilon)."""
+    return str(scheduler_config.get("prediction_type", "epsilon"))
+
+
 def output_kd_loss(student_eps: torch.Tensor, teacher_eps: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(student_eps, teacher_eps)
 

@@ -14,7 +14,7 @@ from torch import nn
 from .config import LossWeights
 from .features import FeaturePair, FeatureTap
 from .interfaces import Objective
-from .losses import KDTargets, kd_loss
+from .losses import KDTargets, kd_loss, task_target
 
 
 @dataclass
@@ -22,7 +22,7 @@ class LowerBatch:
     xt: torch.Tensor
     t: torch.Tensor
     cond: torch.Tensor
-    noise: torch.Tensor
+    noise: torch.Tensor  # the task-loss target: eps, or v for v-prediction models
     targets: KDTargets | None
 
 
@@ -32,8 +32,9 @@ class DrawCounter:
     def __init__(self, seed: int, salt: int) -> None:
         self.seed, self.salt, self.count = seed, salt, 0
 
-    def next(self) -> torch.Generator:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.salt * 7_919 + self.count)
+    def next(self, stream: int = 0) -> torch.Generator:
+        """stream > 0: an independent sequence for the same draw (each process's own upper-level batch)."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.salt * 7_919 + self.count + (stream << 44))
         self.count += 1
         return gen
 
@@ -50,8 +51,13 @@ def make_lower_objective(
     batch_size: int,
     counter: DrawCounter,
     uncond_prob: float = 0.1,
+    prediction_type: str = "epsilon",
+    part: slice | None = None,
 ) -> Objective:
-    """images (N, C, H, W) with their prompt embeddings cond_all (N, T, D); uncond (T, D)."""
+    """images (N, C, H, W) with their prompt embeddings cond_all (N, T, D); uncond (T, D).
+    prediction_type: the scheduler's ('epsilon' or 'v_prediction'): what the task loss compares the output with.
+    part: this process's slice of every drawn batch in data-parallel training (all processes draw the same global
+    batch, so the averaged gradient is the global batch's whatever the number of processes)."""
     device = next(student.parameters()).device
     use_teacher = weights.output > 0 or (weights.feature > 0 and bool(pairs))
     feat_pairs = pairs if weights.feature > 0 else []
@@ -70,6 +76,8 @@ def make_lower_objective(
         a = alphas_cumprod[t].view(-1, 1, 1, 1).to(device)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         t = t.to(device)
+        if part is not None:
+            x0, noise, a, xt, t, cond = x0[part], noise[part], a[part], xt[part], t[part], cond[part]
         targets = None
         if use_teacher:
             with torch.no_grad():
@@ -78,7 +86,7 @@ def make_lower_objective(
                 eps_t = teacher(xt, t, encoder_hidden_states=cond).sample
                 feats = dict(teacher_tap.outputs) if teacher_tap else {}
             targets = KDTargets(eps=eps_t, features=feats)
-        return LowerBatch(xt, t, cond, noise, targets)
+        return LowerBatch(xt, t, cond, task_target(x0, noise, a, prediction_type), targets)
 
     def loss(batch: LowerBatch) -> torch.Tensor:
         if student_tap:

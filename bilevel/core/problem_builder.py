@@ -10,10 +10,13 @@ import torch
 from torch import nn
 
 from .config import LossWeights, RunConfig
+from .distributed import average_gradients_before_step, main_first, processes, shard
 from .errors import BilevelError
 from .features import FeaturePair
 from .interfaces import BilevelProblem, Objective, UnlearnContext, Unlearner
+from .losses import prediction_type
 from .lower_level import DrawCounter, make_lower_objective
+from .precision import under_autocast
 from .steps import gradient_step, lower_step
 from .training import warmup_schedule
 
@@ -37,6 +40,8 @@ def unlearn_context(student: nn.Module, reference: nn.Module, world, run_dir: Pa
         run_dir=run_dir,
         device=world.device,
         seed=seed,
+        clamp_samples=getattr(world, "clamp_samples", True),
+        tokenizer=getattr(world, "tokenizer", None),
     )
 
 
@@ -62,10 +67,18 @@ def build_problem(
         if counters is not None
         else {"lower": DrawCounter(tc.seed, salt=1), "upper": DrawCounter(tc.seed, salt=2)}
     )
+    mc = config.model
+    if mc.gradient_checkpointing and hasattr(student, "enable_gradient_checkpointing"):
+        student.enable_gradient_checkpointing()
     lower = make_lower_objective(
         student, world.teacher, world.finetune.images, world.bank(world.finetune.prompts), world.bank.empty(1)[0],
         world.alphas_cumprod, weights, pairs, tc.batch_size, counters["lower"],
+        prediction_type=prediction_type(world.scheduler_config), part=shard(tc.batch_size, "training.batch_size"),
     )  # fmt: skip
+    lower = Objective(
+        draw=under_autocast(lower.draw, mc.mixed_precision, world.device),
+        loss=under_autocast(lower.loss, mc.mixed_precision, world.device),
+    )
     lower_params = dict(student.named_parameters())
     if unlearner is None:
         upper = Objective(draw=lambda: None, loss=lambda _: torch.zeros(()))
@@ -74,9 +87,16 @@ def build_problem(
         before = None
     else:
         ctx = unlearn_context(student, world.teacher, world, run_dir, config.training.seed)
-        unlearner.prepare(ctx)
+        with main_first():  # rank 0 writes the unlearner's caches in run_dir, the other processes then read them
+            under_autocast(unlearner.prepare, mc.mixed_precision, world.device)(ctx)
         counter = counters["upper"]
-        upper = Objective(draw=counter.next, loss=lambda gen: unlearner.loss(ctx, tc.upper_batch_size, gen))
+        upper_loss = under_autocast(unlearner.loss, mc.mixed_precision, world.device)
+        upper_part, rank = shard(tc.upper_batch_size, "training.upper_batch_size"), processes().rank
+        upper_batch = tc.upper_batch_size if upper_part is None else upper_part.stop - upper_part.start
+        # data-parallel: each process draws its own share of the upper batch from its own stream (an unlearner
+        # samples its batch itself, so it cannot be sliced like the lower one)
+        upper_draw = counter.next if upper_part is None else lambda: counter.next(stream=rank)
+        upper = Objective(draw=upper_draw, loss=lambda gen: upper_loss(ctx, upper_batch, gen))
         upper_params = unlearner.trainable_parameters(student)
         if not upper_params:
             raise BilevelError(f"unlearner {unlearner.name!r} selected no trainable parameters in this student")
@@ -89,6 +109,7 @@ def build_problem(
         upper_opt = torch.optim.AdamW(upper_params.values(), lr=tc.upper_lr, weight_decay=0.0)
         before = lambda: unlearner.before_step(student)
     lower_opt = torch.optim.AdamW(lower_params.values(), lr=tc.lower_lr, weight_decay=0.0)
+    average_gradients_before_step(lower_opt, upper_opt)  # data-parallel: whichever solver steps them
     return BilevelProblem(
         model=student,
         lower=lower,

@@ -48,11 +48,15 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_text(Path(path), json.dumps(data, indent=2, default=str))
 
 
-def image_grid(rows: dict[str, torch.Tensor], path: Path, columns: int = 8, scale: int = 4, label_width: int = 80) -> None:
-    """A PNG grid: one row per prompt group (label on the left), images in [-1, 1], upscaled without blurring."""
+def image_grid(
+    rows: dict[str, torch.Tensor], path: Path, columns: int = 8, scale: int | None = None, label_width: int = 80
+) -> None:
+    """A PNG grid: one row per prompt group (label on the left), images in [-1, 1], upscaled without blurring
+    (scale None: small images are enlarged to about 32 px, large ones kept as they are)."""
     if not rows:
         return
     first = next(iter(rows.values()))
+    scale = scale if scale is not None else max(1, 32 // first.shape[-1])
     h, w = first.shape[-2] * scale, first.shape[-1] * scale
     pad = 2
     canvas = Image.new("RGB", (label_width + columns * (w + pad), len(rows) * (h + pad)), (255, 255, 255))

@@ -25,6 +25,16 @@ from torch import nn
 
 from .checkpoint import ArmState, load_checkpoint, load_unlearner_state, read_state, save_checkpoint
 from .config import LossWeights, RunConfig, build_config, read_config_file
+from .distributed import (
+    barrier,
+    broadcast_module,
+    check_in_sync,
+    check_launcher_precision,
+    on_main,
+    processes,
+    quiet_unless_main,
+    shard,
+)
 from .errors import BilevelError, NonFiniteLossError
 from .interfaces import CalibrationBatch, PruneResult, Unlearner
 from .io import atomic_save_tensors, atomic_write_text, load_tensors
@@ -48,6 +58,9 @@ TABLE_COLUMNS = [
     ("retained_accuracy", "retained"),
     ("collateral", "nearest"),
     ("swd", "SWD"),
+    ("clip_score", "CLIP"),  # Stable Diffusion runs: CLIP score on the retain prompts
+    ("fid", "FID"),
+    ("nudity_rate", "nudity"),
     ("train_seconds", "train s"),
 ]
 
@@ -116,11 +129,15 @@ def resolved_config(config: RunConfig, pruner, unlearner, solver) -> dict[str, A
 def run(config: RunConfig, resume: bool = False) -> RunResult:
     """The whole run. resume: continue the run in config.output.dir (finished arms are kept, an interrupted one
     continues from its last checkpoint, bit-identically to an uninterrupted run)."""
-    from .models import load_tiny_pipeline
-    from .tinyworld.dataset import check_colours
-    from .tinyworld.evaluation import evaluate_tiny
-    from .tinyworld.world import TinyWorld
+    from .progress import console as progress_console
+    from .progress import log_console
+    from .worlds import build_world, evaluate_world
 
+    check_launcher_precision(config.model.mixed_precision)
+    procs = processes()  # data-parallel under accelerate/torchrun: joins the process group
+    for key in ("batch_size", "upper_batch_size"):  # global batches split over the processes: fail before loading
+        shard(getattr(config.training, key), f"training.{key}")
+    quiet_unless_main(console, progress_console, log_console)  # one table, one progress log
     if resume:
         out = prepare_output_dir(config, resume=True)
         if (out / DONE).is_file():
@@ -128,17 +145,7 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
             return _finished_result(out)
     torch.manual_seed(config.training.seed)
     pruner, unlearner, solver = resolve_plugins(config)
-    if config.model.source == "tiny":
-        check_colours(config.concepts)  # fail before any loading
-    pipe = load_tiny_pipeline(config.model.source, config.model.device)
-    world = TinyWorld.build(
-        pipe,
-        config.concepts,
-        config.data.finetune_size,
-        config.data.concept_size,
-        config.data.seed,
-        config.model.device,
-    )
+    world = build_world(config)  # tiny world or Stable Diffusion (core.worlds); bad concepts fail before loading
     teacher = world.teacher
     calibration = _calibration(world, config)
     t0 = time.perf_counter()
@@ -146,13 +153,20 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
     prune_seconds = time.perf_counter() - t0
     pairs = pruned.feature_pairs
     if not resume:
-        out = prepare_output_dir(config)
-        write_json(out / RUN_MARKER, resolved_config(config, pruner, unlearner, solver))
+
+        def start_output() -> Path:
+            folder = prepare_output_dir(config)
+            write_json(folder / RUN_MARKER, resolved_config(config, pruner, unlearner, solver))
+            return folder
+
+        out = on_main(start_output)  # rank 0 writes; every process gets the folder (or rank 0's error)
     verb = "resuming" if resume else "bilevel run"
     console.print(f"[bold]{verb}[/] -> {out}  (pruner={pruner.name}, unlearner={unlearner.name}, solver={solver.name})")
+    if procs.multi:
+        console.print(f"data-parallel over {procs.world_size} processes (rank 0 writes and evaluates)")
     if resume and (out / "students" / "pruned" / WEIGHTS).is_file():
         _load_weights(pruned.student, out / "students" / "pruned")  # the very start the interrupted run used
-    else:
+    elif procs.is_main:
         save_student(
             out / "students" / "pruned", pruned.student, make_manifest(pruned.student, pairs, **pruned.manifest)
         )
@@ -166,9 +180,9 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
     def evaluate(
         label: str, unet: nn.Module, extra: dict[str, Any], history: list[dict[str, Any]] | None = None
     ) -> None:
-        result = evaluate_tiny(
-            unet, world, samples_per_colour=ev.samples_per_prompt, steps=ev.steps, guidance=ev.guidance, seed=ev.seed
-        )
+        if not procs.is_main:
+            return  # sampling and metrics on rank 0 only; the others go on to the next arm's first collective
+        result = evaluate_world(unet, world, config)
         stats = model_stats(unet, latency_batch=64, repeats=ev.latency_repeats)
         row = {"model": label, **stats.to_json(), **result.metrics, **extra, "per_colour": result.per_colour}
         image_grid(result.images, out / "grids" / f"{label}.png")
@@ -200,6 +214,7 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
     def train_arm(arm: str, start: nn.Module, arm_solver, unl: Unlearner | None, steps: int, weights: LossWeights):
         torch.manual_seed(tc.seed)  # every arm starts from the same RNG state, however the run got here
         student = copy.deepcopy(start).train().requires_grad_(True)
+        broadcast_module(student)  # data-parallel replicas start identical (rank 0's weights)
         coupling = getattr(arm_solver.config, "coupling", "shared") if arm == "bilevel" else "shared"
         ckpt = out / CHECKPOINTS / arm
         if resume:
@@ -213,7 +228,13 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
             console.print(f"{arm}: resuming from step {state.step}/{steps} ({ckpt})")
         state = state or TrainState()
 
+        curve_at = _curve_steps(steps, ev.curve_points)
+
         def on_step(s: TrainState) -> None:
+            if not procs.is_main:
+                return  # rank 0 evaluates and writes checkpoints; the other processes' state is identical
+            if s.step in curve_at:
+                _curve_point(s, student, world, config)
             if s.step == steps or (tc.checkpoint_every and s.step % tc.checkpoint_every == 0):
                 save_checkpoint(ckpt, arm_state, s, steps)
 
@@ -229,11 +250,16 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
             )
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(f"{exc}; {_last_good(ckpt)}") from None
+        check_in_sync(student, f"{arm} fine-tuning")
         return student.eval(), history, state.seconds
 
     def finish(arm: str, student: nn.Module, seconds: float) -> None:
-        save_student(out / "students" / arm, student, make_manifest(student, pairs, **pruned.manifest, arm=arm))
-        evaluate(arm, student, {"train_seconds": seconds}, histories.get(arm))
+        if procs.is_main:
+            save_student(out / "students" / arm, student, make_manifest(student, pairs, **pruned.manifest, arm=arm))
+        extra = {"train_seconds": seconds, "world_size": procs.world_size}
+        if procs.multi:
+            extra["in_sync"] = True  # train_arm's check_in_sync passed
+        evaluate(arm, student, extra, histories.get(arm))
 
     trained: dict[str, tuple[nn.Module, float]] = {}
     for arm in [a for a in config.arms if a in ("ddpm", "kd", "bilevel")]:
@@ -254,6 +280,8 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
         elif "kd" in done:
             kd_student = _load_weights(copy.deepcopy(pruned.student), out / "students" / "kd").eval()
             kd_seconds = float(done["kd"][0].get("train_seconds", 0.0))
+        elif config.reuse_kd_from is not None:
+            kd_student, kd_seconds = _reused_kd(Path(config.reuse_kd_from), pruned.student)
         else:
             kd_student, histories["kd"], kd_seconds = train_arm(
                 "kd", pruned.student, LowerOnly(), None, tc.steps, tc.weights
@@ -264,13 +292,16 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
         )
         finish("two-stage", student, kd_seconds + seconds)
 
-    write_json(out / "metrics.json", {"rows": rows, "histories": histories})
-    image_grid(
-        {f"{label}: {c}": imgs[c] for label, imgs in grids.items() for c in world.concepts},
-        out / "grids" / "concepts.png",
-    )
-    console.print(results_table(f"concept(s) {', '.join(config.concepts)}", rows, TABLE_COLUMNS))
-    atomic_write_text(out / DONE, json.dumps({"finished": datetime.now().isoformat()}))
+    if procs.is_main:
+        write_json(out / "metrics.json", {"rows": rows, "histories": histories})
+        image_grid(
+            {f"{label}: {c}": imgs[c] for label, imgs in grids.items() for c in world.concepts},
+            out / "grids" / "concepts.png",
+        )
+        shown = [c for c in TABLE_COLUMNS if any(c[0] in r for r in rows)]  # each world has its own metrics
+        console.print(results_table(f"concept(s) {', '.join(config.concepts)}", rows, shown))
+        atomic_write_text(out / DONE, json.dumps({"finished": datetime.now().isoformat()}))
+    barrier()  # no process leaves before rank 0 has written everything
     return RunResult(out, rows, histories)
 
 
@@ -317,6 +348,40 @@ def _load_weights(model: nn.Module, folder: Path) -> nn.Module:
     with torch.no_grad():
         model.load_state_dict(state, strict=True)
     return model
+
+
+def _reused_kd(folder: Path, pruned_student: nn.Module) -> tuple[nn.Module, float]:
+    """The KD-only student (and its training time) of another finished run, for this run's two-stage arm."""
+    row = folder / ROWS / "kd.json"
+    if not (row.is_file() and (folder / "students" / "kd" / WEIGHTS).is_file()):
+        raise BilevelError(
+            f"reuse_kd_from: {folder} holds no finished KD-only arm (rows/kd.json, students/kd); run it with --arms kd first"
+        )
+    student = _load_weights(copy.deepcopy(pruned_student), folder / "students" / "kd").eval()
+    return student, float(json.loads(row.read_text())["row"].get("train_seconds", 0.0))
+
+
+def _curve_steps(steps: int, points: int) -> set[int]:
+    """Evenly spread steps (the last one included) at which a trained arm is briefly evaluated."""
+    if points <= 0:
+        return set()
+    return {max(1, round(steps * (i + 1) / points)) for i in range(points)}
+
+
+def _curve_point(state: TrainState, student: nn.Module, world, config: RunConfig) -> None:
+    """A small evaluation in the middle of training, merged into the history entry of that step."""
+    from .worlds import evaluate_world
+
+    ev = config.evaluation
+    small = config.model_copy(update={"evaluation": ev.model_copy(update={"samples_per_prompt": ev.curve_samples})})
+    metrics = evaluate_world(student, world, small).metrics
+    point = {f"eval_{k}": float(metrics[k]) for k in ("concept_rate", "retained_accuracy", "clip_score") if k in metrics}
+    if state.history and state.history[-1]["step"] == state.step:
+        state.history[-1].update(point)
+    else:
+        state.history.append(
+            {"step": state.step, "seconds": state.seconds, "upper_updates": state.upper_updates} | point
+        )
 
 
 def _last_good(ckpt: Path) -> str:

@@ -5,6 +5,8 @@ Conditional and unconditional passes are batched into one forward (half the Pyth
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from diffusers import DDIMScheduler
 
@@ -54,9 +56,19 @@ def guided_eps(
     """eps_uncond + w (eps_cond - eps_uncond), with one batched forward."""
     if guidance == 1.0:
         return unet(x, t, encoder_hidden_states=cond).sample
+    e_u, e_c = uncond_cond_eps(unet, x, t, cond, uncond)
+    return e_u + guidance * (e_c - e_u)
+
+
+def uncond_cond_eps(
+    unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor, uncond: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps(x, uncond), eps(x, cond)) from one batched forward; t is a scalar or one timestep per sample."""
+    if torch.is_tensor(t) and t.ndim > 0 and t.numel() > 1:
+        t = torch.cat([t, t])
     both = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
     e_u, e_c = both.chunk(2)
-    return e_u + guidance * (e_c - e_u)
+    return e_u, e_c
 
 
 @torch.no_grad()
@@ -71,24 +83,37 @@ def sample_trajectories(
     generator: torch.Generator,
     shape: tuple[int, int, int],
     batch_size: int = 256,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every intermediate x_t of guided DDIM runs: ((N, steps, C, H, W), timesteps (steps,)).
 
     x[:, i] is the state fed to the model at timesteps[i], i.e. a sample of partial sampling down to step i.
+    score: when given, also returns score(eps_uncond, eps_cond) at every state (N, steps, C, H, W); the sampler
+    computes both predictions anyway, so e.g. ESD's frozen-model targets come for free.
     """
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(steps)
     dtype = next(unet.parameters()).dtype
     device = cond.device
-    chunks = []
+    chunks, score_chunks = [], []
     for start in range(0, cond.shape[0], batch_size):
         c = cond[start : start + batch_size].to(dtype)
         n = c.shape[0]
         u = uncond.to(dtype).expand(n, -1, -1)
         x = torch.randn((n, *shape), generator=generator).to(device, dtype)
-        states = []
+        states, scores = [], []
         for t in scheduler.timesteps:
             states.append(x.cpu())
-            x = scheduler.step(guided_eps(unet, x, t, c, u, guidance), t, x).prev_sample
+            if score is None:
+                eps = guided_eps(unet, x, t, c, u, guidance)
+            else:
+                e_u, e_c = uncond_cond_eps(unet, x, t, c, u)
+                scores.append(score(e_u, e_c).cpu())
+                eps = e_u + guidance * (e_c - e_u)
+            x = scheduler.step(eps, t, x).prev_sample
         chunks.append(torch.stack(states, dim=1))
+        if score is not None:
+            score_chunks.append(torch.stack(scores, dim=1))
+    if score is not None:
+        return torch.cat(chunks), scheduler.timesteps.clone(), torch.cat(score_chunks)
     return torch.cat(chunks), scheduler.timesteps.clone()

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .distributed import mean_metrics
 from .errors import NonFiniteLossError
 from .interfaces import BilevelProblem, BilevelSolver
 from .progress import console, log_console, progress_bar
@@ -72,7 +73,7 @@ def run_solver(
     t0 = time.perf_counter() - state.seconds
     with progress_bar(description, total=steps, completed=state.step) as advance:
         for step in range(state.step, steps):
-            metrics = solver.step(problem, step)
+            metrics = mean_metrics(solver.step(problem, step))  # the global batch's (one process: unchanged)
             for k, v in metrics.items():
                 if not math.isfinite(v):
                     raise NonFiniteLossError(
@@ -85,8 +86,10 @@ def run_solver(
             advance(1, **{k: v for k, v in metrics.items() if k.endswith("loss")})
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 _log_window(state, steps, description)
-            if on_step is not None:
+            if on_step is not None:  # checkpoints and curve evaluations are not training time
+                hook_start = time.perf_counter()
                 on_step(state)
+                t0 += time.perf_counter() - hook_start
     return state.history
 
 

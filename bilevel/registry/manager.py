@@ -71,6 +71,14 @@ class Registry:
 
 
 def validate_options(info: PluginInfo, options: dict[str, Any]) -> BaseModel:
+    """The plugin's Config from user options; unknown keys are refused even where a plugin's Config would ignore
+    them, so a typo never silently runs with a default."""
+    fields = info.cls.Config.model_fields
+    known = set(fields) | {f.alias for f in fields.values() if f.alias}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        accepted = ", ".join(fields) or "none"
+        raise BilevelError(f"{info.kind} {info.name!r} has no option {unknown[0]!r}; options: {accepted}")
     try:
         return info.cls.Config(**options)
     except ValidationError as exc:

@@ -31,6 +31,10 @@ class TinyWorld:
         return cls(pipe, concepts, bank, finetune, concept_data, torch.device(device))
 
     @property
+    def tokenizer(self):
+        return self.pipe.tokenizer
+
+    @property
     def teacher(self):
         return self.pipe.unet
 

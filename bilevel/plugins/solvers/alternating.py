@@ -16,7 +16,12 @@ class AlternatingConfig(BaseModel):
     coupling: Literal["shared", "split"] = Field(
         "shared", description="shared: both levels train the same tensors (the paper); split: lower trains the rest"
     )
-    upper_every: int = Field(2, gt=0, description="k: one upper step every k outer steps")
+    upper_every: int = Field(
+        4,
+        gt=0,
+        description="k: one upper step every k outer steps (the paper's code: 10; 4 here keeps the tiny world's "
+        "quality at about 1.07x the cost of plain KD, 2 costs about 1.15x)",
+    )
     upper_steps: int = Field(1, gt=0, description="upper optimiser steps each time the upper level runs")
 
 

@@ -7,7 +7,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ...core.errors import BilevelError
 from ...core.functional import (
+    Coupled,
+    batch_head,
     double_backward_attention,
     explain_missing_double_backward,
     swap_parameters,
@@ -36,7 +39,29 @@ class ImplicitConfig(BaseModel):
         1.0, gt=0, description="proximal coupling: G = L_low(y) + mu/2 ||y - x||^2 (also makes H + mu I SPD)"
     )
     lower_steps: int = Field(1, gt=0, description="lower optimiser steps per outer step (y tracks y*(x))")
-    upper_every: int = Field(1, gt=0, description="compute the hypergradient every k-th outer step")
+    upper_every: int = Field(
+        4,
+        gt=0,
+        description="compute the hypergradient (and step the upper variable) every k-th outer step, lower steps in "
+        "between, as the alternating solver does (same default k, so both make as many upper updates)",
+    )
+    hvp_batch_size: int | None = Field(
+        8,
+        gt=0,
+        description="HVPs and the mixed term on the first n samples of the last lower batch (None: all of it); "
+        "curvature needs fewer samples than gradients, and every HVP then runs at batch n",
+    )
+    warm_start: bool = Field(
+        False,
+        description="cg: start from the previous hypergradient's solution; its initial residual takes one HVP of "
+        "the `iters` budget (at least one CG iteration runs)",
+    )
+    hessian_block: Literal["full", "upper"] = Field(
+        "full",
+        description="proximal coupling: 'full' differentiates through every lower parameter; 'upper' restricts the "
+        "Hessian (and d_y F) to the anchored upper parameters, holding the others fixed (cheaper; exact when the "
+        "unlearner trains every parameter)",
+    )
     linear_solver: Literal["cg", "neumann"] = Field("cg", description="how H v = d_y F is solved")
     iters: int = Field(
         5, gt=0, description="CG iterations or Neumann terms, i.e. HVPs per hypergradient (set explicitly)"
@@ -63,12 +88,33 @@ class ImplicitSolver(CoupledSolver):
     the upper optimiser steps the anchor, the model keeps y) and 'split' (x = upper_params, y = lower_params,
     disjoint). Not 'shared': with x and y the same tensors y*(x) is not a function of a separate upper variable.
     Memory is independent of `iters`; every graph is local to step().
+
+    Cost reductions of the stochastic bilevel literature, each an option: the hypergradient every `upper_every`
+    steps, HVPs on a sub-batch (`hvp_batch_size`), CG warm-started from the previous solution (`warm_start`), and
+    in the proximal coupling the Hessian restricted to the anchored parameters (`hessian_block: upper`). With
+    upper_every 1, hvp_batch_size None, warm_start false and hessian_block full it is the plain IFT estimator.
     """
 
     name = "implicit-gradient"
     description = "Implicit-function-theorem hypergradient with CG or Neumann and autograd or finite-difference HVPs."
     Config = ImplicitConfig
     couplings: ClassVar[frozenset[str]] = frozenset({"proximal", "split"})
+
+    def __init__(self, config: BaseModel | None = None) -> None:
+        super().__init__(config)
+        self._cg_start: Tensors | None = None  # warm start: the last CG solution, in the order of _solved()
+        self._pending_cg: dict[str, torch.Tensor] | None = None
+
+    def setup(self, problem: BilevelProblem) -> None:
+        if self.config.hessian_block == "upper" and self.config.coupling != "proximal":
+            raise BilevelError(
+                "implicit-gradient: hessian_block 'upper' needs the proximal coupling (in 'split' the Hessian is "
+                "already over the lower subset only); use hessian_block 'full'"
+            )
+        super().setup(problem)
+        if self._pending_cg is not None:
+            self._load_cg(self._pending_cg)
+            self._pending_cg = None
 
     def step(self, problem: BilevelProblem, step: int) -> dict[str, float]:
         c, cfg = self.coupled(problem), self.config
@@ -92,17 +138,27 @@ class ImplicitSolver(CoupledSolver):
         metrics["upper_loss"] = upper_value
         return metrics
 
+    def _solved(self, c: Coupled) -> tuple[list[str], list[torch.nn.Parameter]]:
+        """Names and tensors of the y that H is taken over (all lower parameters, or the anchored block)."""
+        if c.coupling == "proximal" and self.config.hessian_block == "upper":
+            return [c.lower_names[i] for i in c.prox_index], [c.lower[i] for i in c.prox_index]
+        return list(c.lower_names), list(c.lower)
+
     def hypergradient(self, problem: BilevelProblem, batch: Any) -> tuple[Tensors, float]:
-        """IFT hypergradient at the model's current y, with H from the lower batch `batch` (reused, teacher paid once)."""
+        """IFT hypergradient at the model's current y, with H from the last lower batch `batch` (reused, so its
+        teacher pass is paid once), or from its first hvp_batch_size samples."""
         c, cfg = self.coupled(problem), self.config
-        ys = list(c.lower)
+        _, ys = self._solved(c)
         split = c.coupling == "split"
+        block = c.coupling == "proximal" and cfg.hessian_block == "upper"
         xs = list(c.upper) if split else []
         upper = problem.upper.loss(problem.upper.draw())
         g = grads_or_zeros(upper, xs + ys)
         direct, b = [t.detach() for t in g[: len(xs)]], [t.detach() for t in g[len(xs) :]]
         upper_value = float(upper.detach())
         del upper, g
+        if cfg.hvp_batch_size is not None:
+            batch = batch_head(batch, cfg.hvp_batch_size)
 
         if cfg.hvp == "autograd":
             with double_backward_attention(cfg.math_attention):
@@ -123,6 +179,15 @@ class ImplicitSolver(CoupledSolver):
 
         if split:
             full_hvp, mixed = hvp, cross
+        elif block:  # y = the anchored block only: H_G = H_UU + mu I, d2_xy G = -mu I
+
+            def full_hvp(v: Tensors) -> Tensors:
+                return [h + cfg.mu * u for h, u in zip(hvp(v), v)]
+
+            def mixed(v: Tensors) -> Tensors:
+                return [-cfg.mu * u for u in v]
+
+            direct = [torch.zeros_like(a) for a in c.anchors]
         else:  # proximal: H_G = H_low + mu P_U, d2_xy G = -mu P_U
 
             def full_hvp(v: Tensors) -> Tensors:
@@ -135,8 +200,36 @@ class ImplicitSolver(CoupledSolver):
 
         def solve(h: HVP, rhs: Tensors) -> Tensors:
             if cfg.linear_solver == "cg":
-                return conjugate_gradient(h, rhs, cfg.iters, cfg.damping)
+                x0 = self._cg_start if cfg.warm_start else None
+                iters = cfg.iters if x0 is None else max(1, cfg.iters - 1)  # x0's residual takes one HVP
+                v = conjugate_gradient(h, rhs, iters, cfg.damping, x0=x0)
+                if cfg.warm_start:
+                    self._cg_start = [t.detach().clone() for t in v]
+                return v
             damped = h if cfg.damping == 0 else (lambda v: [a + cfg.damping * u for a, u in zip(h(v), v)])
             return neumann(damped, rhs, cfg.iters, cfg.neumann_alpha)
 
         return implicit_hypergrad(direct, b, full_hvp, mixed, solve), upper_value
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self._cg_start is not None and self._coupled is not None:
+            state["cg_start"] = dict(zip(self._solved(self._coupled)[0], (t.clone() for t in self._cg_start)))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        cg = state.get("cg_start")
+        if cg is None:
+            self._cg_start = None
+        elif self._coupled is not None:
+            self._load_cg(cg)
+        else:
+            self._pending_cg = cg
+
+    def _load_cg(self, cg: dict[str, torch.Tensor]) -> None:
+        names, ys = self._solved(self._coupled)
+        missing = [n for n in names if n not in cg]
+        if missing:
+            raise BilevelError(f"solver state lacks the CG warm start for {missing[0]!r}; resume with the same options")
+        self._cg_start = [cg[n].to(y.device, y.dtype).clone() for n, y in zip(names, ys)]

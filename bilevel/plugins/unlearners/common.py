@@ -14,6 +14,7 @@ from torch import nn
 from ...core.errors import BilevelError
 from ...core.interfaces import UnlearnContext
 from ...core.io import atomic_save_tensors
+from ...core.losses import task_target
 from ...core.sampling import sample_images
 
 #: Keywords accepted by the prompt-remapping options besides a literal word.
@@ -102,16 +103,21 @@ def explicit_prompts(given: list[str], targets: list[str], option: str) -> list[
 
 
 def noised(
-    x0: torch.Tensor, alphas_cumprod: torch.Tensor, gen: torch.Generator, device: torch.device
+    x0: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    gen: torch.Generator,
+    device: torch.device,
+    prediction_type: str = "epsilon",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_t, t, eps) with t uniform over the training timesteps (random draws on CPU, deterministic by gen)."""
+    """(x_t, t, target) with t uniform over the training timesteps (random draws on CPU, deterministic by gen).
+    target is what the model should output: eps, or v = sqrt(a) eps - sqrt(1-a) x0 for v-prediction schedulers."""
     t = torch.randint(len(alphas_cumprod), (x0.shape[0],), generator=gen)
     eps = torch.randn(x0.shape, generator=gen)
     a = alphas_cumprod[t].view(-1, 1, 1, 1).to(torch.float32)
     x0 = x0.to(device)
     eps = eps.to(device, x0.dtype)
     a = a.to(device, x0.dtype)
-    return a.sqrt() * x0 + (1 - a).sqrt() * eps, t.to(device), eps
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps, t.to(device), task_target(x0, eps, a, prediction_type)
 
 
 def generate_or_load(
@@ -141,7 +147,9 @@ def generate_or_load(
     images = sample_images(
         ctx.teacher, ctx.scheduler_config, ctx.encode(prompts), ctx.encode([""]),
         steps=steps, guidance=guidance, generator=gen, channels=ctx.sample_shape[0], size=ctx.sample_shape[1],
-    ).clamp(-1, 1)  # fmt: skip
+    )  # fmt: skip
+    if getattr(ctx, "clamp_samples", True):  # pixels; latents are left as sampled
+        images = images.clamp(-1, 1)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save_tensors({"images": images}, path, metadata=meta)

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ...core.errors import BilevelError
 from ...core.interfaces import UnlearnContext, Unlearner
+from ...core.losses import prediction_type
 from .common import (
     DROP,
     FARTHEST,
@@ -152,7 +153,8 @@ class ConceptAblation(Unlearner):
         pairs = self._pairs[i].tolist()
         c_star = ctx.encode([self.targets[j] for j in pairs])
         c_anchor = ctx.encode([self.anchors[j] for j in pairs])
-        xt, t, eps = noised(self._images[i], ctx.alphas_cumprod, generator, ctx.device)
+        kind = prediction_type(ctx.scheduler_config)
+        xt, t, eps = noised(self._images[i], ctx.alphas_cumprod, generator, ctx.device, kind)  # eps: the target
         # One batched forward for every differentiable branch: concept, [anchor (prior)], [retain].
         xs, ts, cs = [xt], [t], [c_star]
         if cfg.prior_weight > 0:

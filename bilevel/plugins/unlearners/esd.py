@@ -3,7 +3,9 @@ of the frozen model: target = e(x,0) - eta (e(x,c) - e(x,0)).
 
 x_t comes, by default, from partial DDIM sampling of the frozen model with the concept prompt (as in ESD).
 Because the frozen model never changes, the trajectories are sampled once into a pool and every upper step
-draws (trajectory, step) pairs from it: the same distribution at a fraction of the cost.
+draws (trajectory, step) pairs from it: the same distribution at a fraction of the cost. The sampler already
+evaluates the frozen model with and without the prompt at every pooled state, which is exactly what the target
+needs, so the targets are kept with the pool (`cache_targets`) and an upper step runs no frozen-model pass at all.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ...core.errors import BilevelError
 from ...core.interfaces import UnlearnContext, Unlearner
-from ...core.sampling import sample_trajectories
+from ...core.sampling import sample_trajectories, uncond_cond_eps
 from .common import noised
 
 
@@ -32,6 +34,11 @@ class ESDConfig(BaseModel):
     sample_steps: int = Field(25, gt=0, description="DDIM steps of the partial sampling")
     sample_guidance: float = Field(3.0, ge=0, description="guidance of the partial sampling")
     pool_size: int = Field(256, gt=0, description="frozen-model trajectories sampled once per run")
+    cache_targets: bool = Field(
+        True,
+        description="xt_source='sample': keep the frozen model's targets of every pooled state (computed by the "
+        "sampler anyway; one more pool-sized tensor) instead of two frozen passes per upper step",
+    )
     retain_weight: float = Field(
         0.0,
         ge=0,
@@ -63,6 +70,7 @@ class ESD(Unlearner):
         self._pool: torch.Tensor | None = None  # (P, steps, C, H, W)
         self._pool_cond: torch.Tensor | None = None
         self._timesteps: torch.Tensor | None = None
+        self._pool_target: torch.Tensor | None = None  # (P, steps, C, H, W) when cache_targets
 
     def trainable_parameters(self, student: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         return select_parameters(student, self.config.variant)
@@ -73,22 +81,33 @@ class ESD(Unlearner):
             gen = torch.Generator().manual_seed(ctx.seed + 17)
             prompts = [ctx.concept_prompts[i % len(ctx.concept_prompts)] for i in range(cfg.pool_size)]
             cond = ctx.encode(prompts)
-            self._pool, self._timesteps = sample_trajectories(
+            score = (lambda e_u, e_c: esd_target(e_u, e_c, cfg.eta)) if cfg.cache_targets else None
+            out = sample_trajectories(
                 ctx.teacher, ctx.scheduler_config, cond, ctx.encode([""]),
                 steps=cfg.sample_steps, guidance=cfg.sample_guidance, generator=gen, shape=ctx.sample_shape,
+                score=score,
             )  # fmt: skip
+            self._pool, self._timesteps = out[0], out[1]
+            self._pool_target = out[2] if cfg.cache_targets else None
             self._pool_cond = cond
 
     def draw_xt(
         self, ctx: UnlearnContext, batch_size: int, gen: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_t, t, concept embeddings) for one upper batch."""
+        return self._draw(ctx, batch_size, gen)[:3]
+
+    def _draw(
+        self, ctx: UnlearnContext, batch_size: int, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """draw_xt plus the cached frozen-model target of each drawn state (None when not cached)."""
         cfg: ESDConfig = self.config
         if cfg.xt_source == "sample":
             assert self._pool is not None, "prepare() must run before loss()"
             i = torch.randint(self._pool.shape[0], (batch_size,), generator=gen)
             j = torch.randint(self._pool.shape[1], (batch_size,), generator=gen)
-            return self._pool[i, j].to(ctx.device), self._timesteps[j].to(ctx.device), self._pool_cond[i]
+            target = self._pool_target[i, j].to(ctx.device) if self._pool_target is not None else None
+            return self._pool[i, j].to(ctx.device), self._timesteps[j].to(ctx.device), self._pool_cond[i], target
         if ctx.concept_images is None:
             raise BilevelError("ESD with xt_source='data' needs concept images; use xt_source='sample'")
         i = torch.randint(ctx.concept_images.shape[0], (batch_size,), generator=gen)
@@ -100,17 +119,15 @@ class ESD(Unlearner):
             prompts = [ctx.concept_image_prompts[k] for k in i.tolist()]
         else:
             prompts = [ctx.concept_prompts[k % len(ctx.concept_prompts)] for k in i.tolist()]
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise, t.to(ctx.device), ctx.encode(prompts)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise, t.to(ctx.device), ctx.encode(prompts), None
 
     def loss(self, ctx: UnlearnContext, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        xt, t, cond = self.draw_xt(ctx, batch_size, generator)
-        uncond = ctx.encode([""]).expand(len(xt), -1, -1)
-        with torch.no_grad():
-            both = ctx.teacher(
-                torch.cat([xt, xt]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])
-            ).sample
-            e_u, e_c = both.chunk(2)
-            target = esd_target(e_u, e_c, self.config.eta)
+        xt, t, cond, target = self._draw(ctx, batch_size, generator)
+        if target is None:
+            uncond = ctx.encode([""]).expand(len(xt), -1, -1)
+            with torch.no_grad():  # cond and uncond in one batched forward
+                e_u, e_c = uncond_cond_eps(ctx.teacher, xt, t, cond, uncond)
+                target = esd_target(e_u, e_c, self.config.eta)
         if self.config.retain_weight <= 0:
             return F.mse_loss(ctx.student(xt, t, encoder_hidden_states=cond).sample, target)
         if ctx.retain_images is None or not ctx.retain_image_prompts:

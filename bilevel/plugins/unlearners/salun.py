@@ -32,6 +32,7 @@ from torch import nn
 from ...core.errors import BilevelError
 from ...core.interfaces import UnlearnContext, Unlearner
 from ...core.io import atomic_save_tensors
+from ...core.losses import prediction_type
 from .common import (
     FARTHEST,
     RANDOM,
@@ -180,7 +181,7 @@ class SalUn(Unlearner):
         w = cfg.mask_guidance
         for start in range(0, n, cfg.mask_batch_size):
             idx = order[start : start + cfg.mask_batch_size]
-            xt, t, eps = noised(self._forget[idx], ctx.alphas_cumprod, gen, ctx.device)
+            xt, t, eps = noised(self._forget[idx], ctx.alphas_cumprod, gen, ctx.device, prediction_type(ctx.scheduler_config))
             cond = ctx.encode([self._forget_prompts[j] for j in idx.tolist()])
             uncond = ctx.encode([""]).expand(len(idx), -1, -1)
             both = ctx.student(
@@ -267,7 +268,7 @@ class SalUn(Unlearner):
             return F.mse_loss(ctx.student(xt, t, encoder_hidden_states=c_f).sample, target)
         j = torch.randint(self._retain.shape[0], (batch_size,), generator=generator)
         c_r = ctx.encode([self._retain_prompts[k] for k in j.tolist()])
-        xr, tr, er = noised(self._retain[j], ctx.alphas_cumprod, generator, ctx.device)
+        xr, tr, er = noised(self._retain[j], ctx.alphas_cumprod, generator, ctx.device, prediction_type(ctx.scheduler_config))
         out = ctx.student(torch.cat([xt, xr]), torch.cat([t, tr]), encoder_hidden_states=torch.cat([c_f, c_r])).sample
         pred_f, pred_r = out.split([len(xt), len(xr)])
         return F.mse_loss(pred_f, target) + cfg.alpha * F.mse_loss(pred_r, er)

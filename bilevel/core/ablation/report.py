@@ -1,0 +1,126 @@
+"""Writes a grid's report from whatever cells have finished: report.md, report.csv, report.json, plots/*.png and
+a self-contained report.html. Rewritable at any time (`bilevel ablate --report-only`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_write_text
+from ..report import console
+from ..runner import DONE
+from .execute import GridOutcome, cell_folder
+from .grid import AblationGrid
+from .html_page import html_report
+from .plots import plot_curves, plot_scatter
+from .results import CLAIM, METRICS, aggregate, check_claim, collect
+from .tables import (
+    CELL_HEADERS,
+    cell_rows,
+    claim_rows,
+    claim_summary,
+    csv_report,
+    grid_summary,
+    markdown_report,
+    result_rows,
+)
+
+
+def run_settings(outcome: GridOutcome) -> dict[str, Any]:
+    """What every cell shared (from the first finished cell's saved config)."""
+    for cell in outcome.cells:
+        path = cell_folder(outcome.out, cell) / "config.json"
+        if (cell_folder(outcome.out, cell) / DONE).is_file() and path.is_file():
+            cfg = json.loads(path.read_text())
+            ev, tr = cfg["evaluation"], cfg["training"]
+            return {
+                "model": cfg["model"]["source"],
+                "concepts": ", ".join(cfg["concepts"]),
+                "training steps per arm": tr["steps"],
+                "lower / upper lr": f"{tr['lower_lr']:g} / {tr['upper_lr']:g}",
+                "evaluation": f"{ev['samples_per_prompt']} samples per colour, {ev['steps']} DDIM steps, guidance {ev['guidance']:g}",
+            }
+    return {}
+
+
+def write_report(grid: AblationGrid, outcome: GridOutcome) -> Path:
+    out = outcome.out
+    records = collect(out, outcome.cells)
+    aggregates = aggregate(records)
+    checks = check_claim(aggregates, grid.claim_tolerance)
+    settings = run_settings(outcome)
+    plots = {
+        name: path
+        for name, path in (
+            ("concept rate and retained accuracy over training", plot_curves(records, out / "plots" / "curves.png")),
+            ("concept rate vs quality per cell", plot_scatter(aggregates, out / "plots" / "scatter.png")),
+        )
+        if path is not None
+    }
+    rel_plots = {name: str(path.relative_to(out)) for name, path in plots.items()}
+    md = markdown_report(grid, settings, aggregates, checks, outcome.cells, outcome.status, rel_plots)
+    atomic_write_text(out / "report.md", md)
+    atomic_write_text(out / "report.csv", csv_report(aggregates))
+    summary = claim_summary(checks, grid.claim_tolerance)
+    data = {
+        "grid": grid.model_dump(mode="json"),
+        "settings": settings,
+        "claim": {
+            "statement": CLAIM,
+            "summary": summary,
+            "tolerance": grid.claim_tolerance,
+            "checks": [
+                {
+                    "pruner": c.pruner, "unlearner": c.unlearner, "solver": c.bilevel_solver,
+                    "bilevel": c.bilevel.mean, "two_stage": c.two_stage.mean,
+                    "suppresses_as_well": c.suppresses_as_well, "keeps_quality_as_well": c.keeps_quality_as_well,
+                    "holds": c.holds,
+                }  # fmt: skip
+                for c in checks
+            ],
+        },
+        "aggregates": [asdict(a) for a in aggregates],
+        "records": [asdict(r) for r in records],
+        "cells": outcome.status,
+    }
+    atomic_write_text(out / "report.json", json.dumps(data, indent=2))
+    seeds = "mean ± std over seeds" if len(grid.seeds) > 1 else "one seed"
+    grids = {
+        cell.name: sorted((cell_folder(out, cell) / "grids").glob("*.png"))
+        for cell in outcome.cells
+        if (cell_folder(out, cell) / "grids").is_dir()
+    }
+    page = html_report(
+        summary_lines=grid_summary(grid, settings),
+        claim=CLAIM,
+        claim_summary=summary,
+        claim_rows=claim_rows(checks),
+        result_title=f"Results ({seeds})",
+        result_rows=result_rows(aggregates),
+        cell_rows=cell_rows(outcome.cells, outcome.status),
+        plots=plots,
+        cell_grids=grids,
+    )
+    atomic_write_text(out / "report.html", page)
+    _print(aggregates, checks, summary, outcome)
+    return out / "report.md"
+
+
+def _print(aggregates, checks, summary: str, outcome: GridOutcome) -> None:
+    from rich.table import Table
+
+    table = Table(title="ablation results")
+    for header in ["method", "pruner", "unlearner", "solver", "seeds"] + [h for _, h, _ in METRICS]:
+        table.add_column(header)
+    for row in result_rows(aggregates):
+        table.add_row(*row)
+    console.print(table)
+    console.print(summary)
+    cells = Table(title="cells")
+    for header in CELL_HEADERS:
+        cells.add_column(header)
+    for row in cell_rows(outcome.cells, outcome.status):
+        cells.add_row(*row)
+    console.print(cells)

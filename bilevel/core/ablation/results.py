@@ -1,0 +1,155 @@
+"""Gathers a grid's finished cells into per-arm records, aggregates them over seeds (mean, std) and tests the
+paper's claim: at equal total steps, bilevel suppresses the concept at least as well as two-stage (fine-tune,
+then erase) while keeping quality at least as well."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..runner import DONE
+from .execute import cell_folder
+from .grid import Cell
+
+METHOD_NAMES = {
+    "teacher": "teacher",
+    "pruned": "pruned only",
+    "ddpm": "DDPM only",
+    "kd": "KD only",
+    "bilevel": "bilevel",
+    "two-stage": "two-stage",
+}
+# (key, header, lower is better?) — the columns every table shows, in order.
+METRICS = [
+    ("concept_rate", "concept rate", True),
+    ("retained_accuracy", "retained acc.", False),
+    ("collateral", "collateral", False),
+    ("swd", "SWD", True),
+    ("params", "params", True),
+    ("macs", "MACs", True),
+    ("latency_ms", "latency ms", True),
+    ("train_seconds", "train s", True),
+]
+CLAIM = (
+    "At equal total steps, bilevel fine-tuning suppresses the concept at least as well as two-stage "
+    "(fine-tune with KD, then erase with the unlearner alone) while keeping quality at least as well."
+)
+
+
+@dataclass
+class Record:
+    """One arm of one finished cell."""
+
+    cell: str
+    method: str
+    arm: str
+    pruner: str
+    unlearner: str
+    solver: str
+    seed: int
+    metrics: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Aggregate:
+    """One method in one (pruner, unlearner, solver) setting, over seeds."""
+
+    method: str
+    pruner: str
+    unlearner: str
+    solver: str
+    n: int
+    mean: dict[str, float]
+    std: dict[str, float]
+    cells: list[str]
+
+    @property
+    def label(self) -> str:
+        parts = [self.method] + [p for p in (self.pruner, self.unlearner, self.solver) if p != "-"]
+        return " / ".join(parts)
+
+
+def collect(out: Path, cells: list[Cell]) -> list[Record]:
+    """Records of every finished cell (an unfinished or failed one contributes nothing)."""
+    records: list[Record] = []
+    for cell in cells:
+        folder = cell_folder(out, cell)
+        if not (folder / DONE).is_file():
+            continue
+        data = json.loads((folder / "metrics.json").read_text())
+        for row in data["rows"]:
+            arm = row["model"]
+            teacher = arm == "teacher"
+            trained_by = arm in ("bilevel", "two-stage")
+            records.append(
+                Record(
+                    cell=cell.name,
+                    method=METHOD_NAMES.get(arm, arm),
+                    arm=arm,
+                    pruner="-" if teacher else str(cell.pruner),
+                    unlearner=str(cell.unlearner) if trained_by else "-",
+                    solver=str(cell.solver) if trained_by else "-",  # two-stage: matched to this solver's steps
+                    seed=cell.seed,
+                    metrics={k: float(row[k]) for k, _, _ in METRICS if isinstance(row.get(k), (int, float))},
+                    history=list(data.get("histories", {}).get(arm) or []),
+                )
+            )
+    return records
+
+
+def aggregate(records: list[Record]) -> list[Aggregate]:
+    """Mean and sample standard deviation over seeds, per method and setting, in first-seen order."""
+    groups: dict[tuple[str, str, str, str], list[Record]] = {}
+    for r in records:
+        groups.setdefault((r.method, r.pruner, r.unlearner, r.solver), []).append(r)
+    out = []
+    for (method, pruner, unlearner, solver), rs in groups.items():
+        keys = [k for k, _, _ in METRICS if all(k in r.metrics for r in rs)]
+        mean = {k: sum(r.metrics[k] for r in rs) / len(rs) for k in keys}
+        std = {k: _sample_std([r.metrics[k] for r in rs]) for k in keys}
+        out.append(Aggregate(method, pruner, unlearner, solver, len(rs), mean, std, [r.cell for r in rs]))
+    return out
+
+
+def _sample_std(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    m = sum(values) / len(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+@dataclass
+class ClaimCheck:
+    pruner: str
+    unlearner: str
+    bilevel_solver: str
+    bilevel: Aggregate
+    two_stage: Aggregate
+    tolerance: float
+
+    @property
+    def suppresses_as_well(self) -> bool:
+        return self.bilevel.mean["concept_rate"] <= self.two_stage.mean["concept_rate"] + self.tolerance
+
+    @property
+    def keeps_quality_as_well(self) -> bool:
+        return self.bilevel.mean["retained_accuracy"] >= self.two_stage.mean["retained_accuracy"] - self.tolerance
+
+    @property
+    def holds(self) -> bool:
+        return self.suppresses_as_well and self.keeps_quality_as_well
+
+
+def check_claim(aggregates: list[Aggregate], tolerance: float) -> list[ClaimCheck]:
+    """Bilevel vs two-stage for every pruner x unlearner (x solver) where both were run."""
+    two_stage = {(a.pruner, a.unlearner, a.solver): a for a in aggregates if a.method == "two-stage"}
+    checks = []
+    for a in aggregates:
+        key = (a.pruner, a.unlearner, a.solver)
+        if a.method == "bilevel" and key in two_stage:
+            checks.append(ClaimCheck(a.pruner, a.unlearner, a.solver, a, two_stage[key], tolerance))
+    return checks

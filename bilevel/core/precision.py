@@ -1,0 +1,43 @@
+"""Mixed precision as autocast around forward passes: weights (and optimiser state) stay fp32, matmuls and
+convolutions run in fp16/bf16. Used for training objectives, teacher sampling and evaluation alike."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+from .errors import BilevelError
+
+F = TypeVar("F", bound=Callable[..., Any])
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """A context for `precision` ('no', 'fp16', 'bf16') on `device`; 'no' is a no-op.
+
+    bf16 works on CPU and CUDA; fp16 only on CUDA (CPU fp16 kernels are slow or missing)."""
+    if precision == "no":
+        return contextlib.nullcontext()
+    if precision not in DTYPES:
+        raise BilevelError(f"unknown mixed precision {precision!r}; accepted: no, fp16, bf16")
+    kind = torch.device(device).type
+    if precision == "fp16" and kind != "cuda":
+        raise BilevelError(f"mixed precision fp16 needs a CUDA device, got {kind!r}; use bf16 or no")
+    return torch.autocast(device_type=kind, dtype=DTYPES[precision])
+
+
+def under_autocast(fn: F, precision: str, device: torch.device | str) -> F:
+    """fn, run inside autocast(precision, device) (returned unchanged for 'no')."""
+    if precision == "no":
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with autocast(precision, device):
+            return fn(*args, **kwargs)
+
+    return wrapped  # type: ignore[return-value]

@@ -1,0 +1,165 @@
+"""`bilevel ablate`: a small grid runs every cell once, aggregates over seeds, tests the claim, writes a report
+(Markdown, CSV, JSON, plots, a self-contained HTML page that renders in headless Chromium) and resumes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+
+import pytest
+
+from bilevel.cli import main
+from bilevel.core.ablation import execute
+from bilevel.core.ablation.browser import check_html, find_browser
+from bilevel.core.ablation.grid import AblationGrid, load_grid, plan_cells
+from bilevel.core.ablation.results import Aggregate, check_claim
+
+SMALL = [
+    "--set", "training.steps=6", "--set", "training.batch_size=8", "--set", "training.upper_batch_size=4",
+    "--set", "evaluation.samples_per_prompt=2", "--set", "evaluation.steps=4", "--set", "evaluation.curve_points=2",
+    "--set", "evaluation.curve_samples=1", "--set", "evaluation.latency_repeats=1", "--set", "data.finetune_size=128",
+    "--set", "data.concept_size=32",
+]  # fmt: skip
+
+
+def _ablate(out, *extra):
+    return main(["ablate", "--out", str(out), "--pruners", "bk-sdm", "--unlearners", "esd", "--seeds", "0,1",
+                 "--config", str(out.parent / "grid.yaml"), *SMALL, *extra])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ablate")
+    (root / "grid.yaml").write_text("options:\n  esd:\n    pool_size: 8\n    sample_steps: 4\n")
+    out = root / "grid"
+    assert _ablate(out) == 0
+    return out
+
+
+def test_every_cell_is_a_finished_run_in_its_own_folder(grid_run):
+    names = sorted(p.name for p in (grid_run / "cells").iterdir())
+    assert names == sorted(
+        ["teacher", "baseline--bk-sdm--s0", "baseline--bk-sdm--s1", "bk-sdm--esd--alternating--s0",
+         "bk-sdm--esd--alternating--s1"]
+    )  # fmt: skip
+    for name in names:
+        assert (grid_run / "cells" / name / "DONE").is_file()
+    method = json.loads((grid_run / "cells" / "bk-sdm--esd--alternating--s1" / "config.json").read_text())
+    assert method["arms"] == ["bilevel", "two-stage"]
+    assert method["training"]["seed"] == 1
+    assert method["reuse_kd_from"].endswith("baseline--bk-sdm--s1")  # two-stage starts from the shared KD student
+    assert method["unlearner"]["options"]["pool_size"] == 8  # per-plugin options from the grid file
+
+
+def test_report_aggregates_over_seeds_and_states_the_claim(grid_run):
+    report = json.loads((grid_run / "report.json").read_text())
+    records = report["records"]
+    bilevel = [r for r in records if r["arm"] == "bilevel"]
+    assert sorted(r["seed"] for r in bilevel) == [0, 1]
+    agg = next(a for a in report["aggregates"] if a["method"] == "bilevel")
+    values = [r["metrics"]["retained_accuracy"] for r in bilevel]
+    assert agg["n"] == 2
+    assert agg["mean"]["retained_accuracy"] == pytest.approx(sum(values) / 2)
+    assert agg["std"]["retained_accuracy"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
+    assert len(report["claim"]["checks"]) == 1
+    md = (grid_run / "report.md").read_text()
+    assert "at least as well" in md and "mean ± std over seeds" in md
+    assert "| bilevel | bk-sdm | esd | alternating | 2 |" in md
+    rows = list(csv.DictReader((grid_run / "report.csv").open()))
+    assert {r["method"] for r in rows} == {"teacher", "pruned only", "KD only", "bilevel", "two-stage"}
+    two_stage = next(r for r in rows if r["method"] == "two-stage")
+    assert float(two_stage["train_seconds_mean"]) > 0  # includes its KD stage
+
+
+def test_curves_come_from_evaluations_during_training(grid_run):
+    history = json.loads((grid_run / "cells" / "bk-sdm--esd--alternating--s0" / "metrics.json").read_text())["histories"]
+    points = [h["step"] for h in history["bilevel"] if "eval_concept_rate" in h]
+    assert points == [3, 6]
+    for name in ("curves.png", "scatter.png"):
+        assert (grid_run / "plots" / name).stat().st_size > 5000
+
+
+def test_a_finished_grid_runs_nothing_again(grid_run, monkeypatch):
+    def boom(*_a, **_k):
+        raise AssertionError("a finished cell was run again")
+
+    monkeypatch.setattr(execute, "run", boom)
+    assert _ablate(grid_run) == 0
+
+
+def test_an_interrupted_grid_continues_where_it_stopped(grid_run, tmp_path, monkeypatch):
+    out = tmp_path / "grid"
+    shutil.copytree(grid_run, out)
+    (tmp_path / "grid.yaml").write_text((grid_run.parent / "grid.yaml").read_text())
+    victim = out / "cells" / "bk-sdm--esd--alternating--s1"
+    (victim / "DONE").unlink()
+    shutil.rmtree(victim / "rows")
+    shutil.rmtree(victim / "checkpoints")
+    ran = []
+    real_run = execute.run
+    monkeypatch.setattr(execute, "run", lambda config, resume=False: ran.append((config.output.dir, resume)) or real_run(config, resume))
+    assert _ablate(out) == 0
+    assert [(p.name, resume) for p, resume in ran] == [(victim.name, True)]
+    assert (victim / "DONE").is_file()
+
+
+def test_a_different_grid_in_the_folder_is_refused(grid_run, capsys):
+    assert main(["ablate", "--out", str(grid_run), "--pruners", "magnitude", *SMALL]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "different ablation grid" in err and "pruners" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_bad_grids_fail_before_any_cell_runs(tmp_path, capsys):
+    assert main(["ablate", "--out", str(tmp_path / "a"), "--pruners", "bk-sdm,nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["ablate", "--out", str(tmp_path / "b"), "--seeds", "0,x"]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert main(["ablate", "--out", str(tmp_path / "c"), "--baselines", "teacher,oracle"]) == 2
+    assert "baselines" in capsys.readouterr().err
+    assert main(["ablate", "--out", str(tmp_path / "d"), "--set", "training.steps=-1"]) == 2
+    assert "training.steps" in capsys.readouterr().err
+    assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_grid_planning_shares_baselines_and_quick_preset():
+    cells = plan_cells(AblationGrid())
+    assert len(cells) == 1 + 3 + 9  # teacher, one baseline per pruner, every pruner x unlearner
+    quick = load_grid(None, quick=True)
+    assert quick.pruners == ["bk-sdm"] and quick.base["training.steps"] == 300
+    assert quick.base["evaluation.curve_points"] == 3 and quick.base["evaluation.curve_samples"] == 4
+    no_two_stage = plan_cells(AblationGrid(baselines=["teacher", "pruned"]))
+    assert all(c.depends_on is None for c in no_two_stage)
+    assert [c.arms for c in no_two_stage if c.kind == "baseline"] == [("pruned",)] * 3
+
+
+def _agg(method: str, concept: float, retained: float) -> Aggregate:
+    mean = {"concept_rate": concept, "retained_accuracy": retained}
+    return Aggregate(method, "p", "u", "s", 1, mean, {k: 0.0 for k in mean}, [])
+
+
+@pytest.mark.parametrize(
+    ("bilevel", "two_stage", "holds"),
+    [((0.0, 0.9), (0.0, 0.2), True), ((0.3, 0.9), (0.0, 0.9), False), ((0.0, 0.5), (0.0, 0.9), False),
+     ((0.01, 0.89), (0.0, 0.9), True)],
+)  # fmt: skip
+def test_claim_check(bilevel, two_stage, holds):
+    (check,) = check_claim([_agg("bilevel", *bilevel), _agg("two-stage", *two_stage)], tolerance=0.02)
+    assert check.holds is holds
+
+
+def test_html_report_renders_in_headless_chromium(grid_run):
+    if find_browser() is None:
+        if os.environ.get("BILEVEL_REQUIRE_BROWSER") == "1":
+            pytest.fail("BILEVEL_REQUIRE_BROWSER=1 but no Chromium found")
+        pytest.skip("no Chromium on this machine (CI installs it and sets BILEVEL_REQUIRE_BROWSER=1)")
+    html = (grid_run / "report.html").read_text()
+    assert "src='plots/" not in html and "data:image/png;base64," in html  # self-contained
+    check = check_html(grid_run / "report.html", screenshot=grid_run / "report.png")
+    grids = sum(1 for _ in (grid_run / "cells").glob("*/grids/*.png"))
+    assert check.images_ok and check.image_count == grids + 2  # every cell's grids and both plots decoded
+    assert check.table_count == 3
+    assert check.screenshot is not None and check.screenshot.stat().st_size > 10000
