@@ -37,13 +37,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PLAIN = "plain KD (1 lower step)"
-# label: (solver, options); the solver's own default coupling
-CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+# label: (solver, options[, ESD options]); the solver's own default coupling
+CONFIGS: dict[str, tuple[Any, ...]] = {
     PLAIN: ("plain", {}),
     "alternating (default)": ("alternating", {}),
     "alternating upper_every=2": ("alternating", {"upper_every": 2}),
     "alternating upper_every=1": ("alternating", {"upper_every": 1}),
-    "alternating upper_every=2, ESD targets recomputed": ("alternating", {"upper_every": 2}),
+    "alternating upper_every=2, ESD targets recomputed": ("alternating", {"upper_every": 2}, {"cache_targets": False}),
     "implicit (default, cg 5)": ("implicit-gradient", {}),
     "implicit cg 5 every step (k=1), hvp batch 8": ("implicit-gradient", {"upper_every": 1}),
     "implicit cg 5 hessian_block=upper": ("implicit-gradient", {"hessian_block": "upper"}),
@@ -68,7 +68,7 @@ def make_solver(label: str):
     """The solver of a configuration (None for plain KD) with its validated options."""
     from bilevel.registry import get_registry
 
-    name, options = CONFIGS[label]
+    name, options = CONFIGS[label][:2]
     return None if name == "plain" else get_registry().create("solver", name, options)
 
 
@@ -85,7 +85,8 @@ def build(label: str):
     config = RunConfig()
     reg = get_registry()
     pruner = reg.create("pruner", config.pruner.name, config.pruner.options)
-    unlearner = reg.create("unlearner", config.unlearner.name, config.unlearner.options)
+    esd_options = CONFIGS[label][2] if len(CONFIGS[label]) > 2 else {}
+    unlearner = reg.create("unlearner", config.unlearner.name, {**config.unlearner.options, **esd_options})
     torch.manual_seed(config.training.seed)
     pipe = load_tiny_pipeline(config.model.source, config.model.device)
     world = TinyWorld.build(

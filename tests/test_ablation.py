@@ -75,7 +75,9 @@ def test_report_aggregates_over_seeds_and_states_the_claim(grid_run):
 
 
 def test_curves_come_from_evaluations_during_training(grid_run):
-    history = json.loads((grid_run / "cells" / "bk-sdm--esd--alternating--s0" / "metrics.json").read_text())["histories"]
+    history = json.loads((grid_run / "cells" / "bk-sdm--esd--alternating--s0" / "metrics.json").read_text())[
+        "histories"
+    ]
     points = [h["step"] for h in history["bilevel"] if "eval_concept_rate" in h]
     assert points == [3, 6]
     for name in ("curves.png", "scatter.png"):
@@ -100,7 +102,9 @@ def test_an_interrupted_grid_continues_where_it_stopped(grid_run, tmp_path, monk
     shutil.rmtree(victim / "checkpoints")
     ran = []
     real_run = execute.run
-    monkeypatch.setattr(execute, "run", lambda config, resume=False: ran.append((config.output.dir, resume)) or real_run(config, resume))
+    monkeypatch.setattr(
+        execute, "run", lambda config, resume=False: ran.append((config.output.dir, resume)) or real_run(config, resume)
+    )
     assert _ablate(out) == 0
     assert [(p.name, resume) for p, resume in ran] == [(victim.name, True)]
     assert (victim / "DONE").is_file()
@@ -163,3 +167,16 @@ def test_html_report_renders_in_headless_chromium(grid_run):
     assert check.images_ok and check.image_count == grids + 2  # every cell's grids and both plots decoded
     assert check.table_count == 3
     assert check.screenshot is not None and check.screenshot.stat().st_size > 10000
+
+
+def test_settings_where_kd_shows_no_leak_are_flagged_uninformative():
+    from bilevel.core.ablation.tables import claim_summary
+
+    broken_kd = _agg("KD only", 0.0, 0.13)  # a student that never recovered: nothing leaked to suppress
+    leaky_kd = _agg("KD only", 0.78, 0.88)
+    (flat,) = check_claim([_agg("bilevel", 0.0, 0.2), _agg("two-stage", 0.0, 0.1), broken_kd], tolerance=0.02)
+    (real,) = check_claim([_agg("bilevel", 0.0, 0.9), _agg("two-stage", 0.0, 0.2), leaky_kd], tolerance=0.02)
+    assert flat.holds and not flat.informative
+    assert real.holds and real.informative
+    summary = claim_summary([flat, real], 0.02)
+    assert "holds in 2 of 2" in summary and "Only 1 of them can tell the methods apart" in summary

@@ -91,6 +91,8 @@ def test_one_process_helpers_are_the_identity() -> None:
 
 COLLECTIVES = textwrap.dedent(
     """
+    import sys
+
     import torch
     from bilevel.core import distributed as d
     from bilevel.core.errors import BilevelError
@@ -117,8 +119,11 @@ COLLECTIVES = textwrap.dedent(
     except BilevelError as exc:
         diverged = str(exc)
     d.broadcast_module(model)
-    print("RESULT", p.rank, p.world_size, a.grad.tolist(), b.grad.flatten().tolist(), c.grad, m["loss"],
-          s.start, s.stop, repr(odd), repr(diverged), d.check_in_sync(model, "after broadcast") is not None, flush=True)
+    fields = [p.rank, p.world_size, a.grad.tolist(), b.grad.flatten().tolist(), c.grad, m["loss"], s.start, s.stop,
+              repr(odd), repr(diverged), d.check_in_sync(model, "after broadcast") is not None]
+    # one file per rank: two processes printing to one pipe interleave their lines
+    with open(f"{sys.argv[1]}/result-{p.rank}.txt", "w") as f:
+        f.write("RESULT " + " ".join(map(str, fields)))
     """
 )
 
@@ -127,10 +132,10 @@ def test_two_processes_average_gradients_to_their_mean(tmp_path: Path) -> None:
     script = tmp_path / "collectives.py"
     script.write_text(COLLECTIVES)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(script)]  # fmt: skip
+           str(script), str(tmp_path)]  # fmt: skip
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
-    lines = sorted(line.split(" ", 2)[1:] for line in done.stdout.splitlines() if line.startswith("RESULT"))
+    lines = sorted(f.read_text().split(" ", 2)[1:] for f in tmp_path.glob("result-*.txt"))
     assert [rank for rank, _ in lines] == ["0", "1"]
     for rank, rest in lines:
         assert rest.startswith("2 [1.5, 1.5, 1.5] [0.0, 1.5, 3.0, 4.5] None 0.5 "), rest

@@ -41,3 +41,16 @@ def under_autocast(fn: F, precision: str, device: torch.device | str) -> F:
             return fn(*args, **kwargs)
 
     return wrapped  # type: ignore[return-value]
+
+
+_SCALER = "_bilevel_loss_scaler"
+
+
+def attach_loss_scaler(optimizer: torch.optim.Optimizer, device: torch.device | str) -> None:
+    """fp16 only: dynamic loss scaling (torch's GradScaler) for the steps `steps.gradient_step` makes, so small
+    gradients do not underflow to zero; bf16 has fp32's exponent range and needs none."""
+    setattr(optimizer, _SCALER, torch.amp.GradScaler(torch.device(device).type))
+
+
+def loss_scaler(optimizer: torch.optim.Optimizer) -> torch.amp.GradScaler | None:
+    return getattr(optimizer, _SCALER, None)

@@ -16,7 +16,7 @@ from .features import FeaturePair
 from .interfaces import BilevelProblem, Objective, UnlearnContext, Unlearner
 from .losses import prediction_type
 from .lower_level import DrawCounter, make_lower_objective
-from .precision import under_autocast
+from .precision import attach_loss_scaler, under_autocast
 from .steps import gradient_step, lower_step
 from .training import warmup_schedule
 
@@ -110,6 +110,9 @@ def build_problem(
         before = lambda: unlearner.before_step(student)
     lower_opt = torch.optim.AdamW(lower_params.values(), lr=tc.lower_lr, weight_decay=0.0)
     average_gradients_before_step(lower_opt, upper_opt)  # data-parallel: whichever solver steps them
+    if mc.mixed_precision == "fp16":
+        for opt in (lower_opt, upper_opt):
+            attach_loss_scaler(opt, world.device)
     return BilevelProblem(
         model=student,
         lower=lower,

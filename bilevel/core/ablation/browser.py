@@ -45,7 +45,9 @@ def check_html(page: Path, screenshot: Path | None = None, timeout: float = 120.
     """Load `page` headless; return what its check script recorded on <body> and optionally a PNG screenshot."""
     browser = find_browser()
     if browser is None:
-        raise BilevelError("no headless browser found: install chromium (Debian: apt-get install chromium) or set BILEVEL_CHROMIUM")
+        raise BilevelError(
+            "no headless browser found: install chromium (Debian: apt-get install chromium) or set BILEVEL_CHROMIUM"
+        )
     url = Path(page).resolve().as_uri()
     with tempfile.TemporaryDirectory(prefix="bilevel-browser-") as profile:
         base = [browser, *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=10000"]

@@ -78,7 +78,9 @@ def html_report(
         parts.append(_table(CLAIM_HEADERS, claim_rows))
     parts += [f"<h2>{html.escape(result_title)}</h2>", _table(HEADERS, result_rows), "<h2>Plots</h2>"]
     for name, path in plots.items():
-        parts.append(f"<figure><img alt='{html.escape(name)}' src='{data_uri(path)}'><figcaption>{html.escape(name)}</figcaption></figure>")
+        parts.append(
+            f"<figure><img alt='{html.escape(name)}' src='{data_uri(path)}'><figcaption>{html.escape(name)}</figcaption></figure>"
+        )
     parts += ["<h2>Cells</h2>", _table(CELL_HEADERS, cell_rows), "<h2>Image grids</h2>"]
     for cell, grids in cell_grids.items():
         images = "".join(

@@ -66,6 +66,15 @@ def curve_series(records: list[Record]) -> dict[str, dict[str, list[tuple[float,
     return series
 
 
+_SETTING_PALETTE = ["#1f77b4", "#2ca02c", "#9467bd", "#17becf", "#bcbd22", "#e377c2", "#8c564b", "#7f7f7f"]
+_settings: dict[str, str] = {}
+
+
+def _setting_colour(setting: str) -> str:
+    """The same unlearner/solver keeps its colour across pruners and across both of its methods."""
+    return _settings.setdefault(setting, _SETTING_PALETTE[len(_settings) % len(_SETTING_PALETTE)])
+
+
 def plot_curves(records: list[Record], path: Path) -> Path | None:
     series = curve_series(records)
     if not series:
@@ -75,13 +84,13 @@ def plot_curves(records: list[Record], path: Path) -> Path | None:
     fig, axes = plt.subplots(len(pruners), 2, figsize=(12, 3.6 * len(pruners)), squeeze=False)
     for row, pruner in enumerate(pruners):
         for label, points in series[pruner].items():
-            method = label.split(" / ")[0]
+            method, *setting = label.split(" / ")
             style = "--" if method == "two-stage" else "-"
+            # one colour per unlearner/solver setting (bilevel solid, its two-stage dashed); baselines by method
+            colour = _setting_colour(" / ".join(setting)) if setting else METHOD_COLOURS.get(method)
             steps = [p[0] for p in points]
             for col, index in ((0, 1), (1, 2)):
-                axes[row][col].plot(
-                    steps, [p[index] for p in points], style, marker=".", color=METHOD_COLOURS.get(method), label=label
-                )
+                axes[row][col].plot(steps, [p[index] for p in points], style, marker=".", color=colour, label=label)
         axes[row][0].set_title(f"{pruner}: concept rate (lower is better)")
         axes[row][1].set_title(f"{pruner}: retained accuracy (higher is better)")
         for ax in axes[row]:
@@ -97,33 +106,46 @@ def plot_curves(records: list[Record], path: Path) -> Path | None:
 
 
 def plot_scatter(aggregates: list[Aggregate], path: Path) -> Path | None:
+    """One panel per pruner (the teacher in each): colour = method, marker = unlearner / solver, error bars = std."""
     points = [a for a in aggregates if "concept_rate" in a.mean and "retained_accuracy" in a.mean]
     if not points:
         return None
     plt = _pyplot()
-    pruners = sorted({a.pruner for a in points if a.pruner != "-"})  # "-": the unpruned teacher, drawn as a star
-    fig, ax = plt.subplots(figsize=(8, 6))
-    seen: set[str] = set()
-    for a in points:
-        marker = "*" if a.pruner == "-" else PRUNER_MARKERS[pruners.index(a.pruner) % len(PRUNER_MARKERS)]
-        label = a.method if a.method not in seen else None
-        seen.add(a.method)
-        ax.errorbar(
-            a.mean["retained_accuracy"], a.mean["concept_rate"],
-            xerr=a.std.get("retained_accuracy", 0.0), yerr=a.std.get("concept_rate", 0.0),
-            fmt=marker, color=METHOD_COLOURS.get(a.method, "black"), label=label, capsize=3, markersize=7,
-        )  # fmt: skip
-        ax.annotate(a.label, (a.mean["retained_accuracy"], a.mean["concept_rate"]), fontsize=6, xytext=(4, 3),
-                    textcoords="offset points")  # fmt: skip
-    ax.set_xlabel("retained accuracy (quality on the other concepts; higher is better)")
-    ax.set_ylabel("concept rate (lower is better)")
-    ax.set_xlim(-0.03, 1.05)
-    ax.set_ylim(-0.03, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(title="method (marker: " + ", ".join(f"{p}={PRUNER_MARKERS[i % 7]}" for i, p in enumerate(pruners)) + ")",
-              fontsize=8, title_fontsize=7, loc="upper left")  # fmt: skip
-    fig.tight_layout()
+    pruners = list(dict.fromkeys(a.pruner for a in points if a.pruner != "-")) or ["-"]
+    settings = list(dict.fromkeys(_setting(a) for a in points if _setting(a)))
+    fig, axes = plt.subplots(1, len(pruners), figsize=(5.2 * len(pruners), 5), squeeze=False)
+    for ax, pruner in zip(axes[0], pruners):
+        for a in points:
+            if a.pruner not in (pruner, "-"):
+                continue
+            setting = _setting(a)
+            marker = "*" if a.pruner == "-" else PRUNER_MARKERS[settings.index(setting) + 1] if setting else "o"
+            ax.errorbar(
+                a.mean["retained_accuracy"], a.mean["concept_rate"],
+                xerr=a.std.get("retained_accuracy", 0.0), yerr=a.std.get("concept_rate", 0.0),
+                fmt=marker, color=METHOD_COLOURS.get(a.method, "black"), capsize=3, markersize=9, alpha=0.85,
+            )  # fmt: skip
+        ax.set_title(f"{pruner}: bottom right is best")
+        ax.set_xlabel("retained accuracy (higher is better)")
+        ax.set_xlim(-0.03, 1.05)
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("concept rate (lower is better)")
+    handles = [
+        plt.Line2D([], [], color=c, marker="o", linestyle="", label=m)
+        for m, c in METHOD_COLOURS.items()
+        if any(a.method == m for a in points)
+    ] + [
+        plt.Line2D([], [], color="black", marker=PRUNER_MARKERS[i + 1], linestyle="", label=s)
+        for i, s in enumerate(settings)
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def _setting(a: Aggregate) -> str:
+    return " / ".join(p for p in (a.unlearner, a.solver) if p != "-")

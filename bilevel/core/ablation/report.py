@@ -73,11 +73,15 @@ def write_report(grid: AblationGrid, outcome: GridOutcome) -> Path:
             "tolerance": grid.claim_tolerance,
             "checks": [
                 {
-                    "pruner": c.pruner, "unlearner": c.unlearner, "solver": c.bilevel_solver,
-                    "bilevel": c.bilevel.mean, "two_stage": c.two_stage.mean,
-                    "suppresses_as_well": c.suppresses_as_well, "keeps_quality_as_well": c.keeps_quality_as_well,
+                    "pruner": c.pruner,
+                    "unlearner": c.unlearner,
+                    "solver": c.bilevel_solver,
+                    "bilevel": c.bilevel.mean,
+                    "two_stage": c.two_stage.mean,
+                    "suppresses_as_well": c.suppresses_as_well,
+                    "keeps_quality_as_well": c.keeps_quality_as_well,
                     "holds": c.holds,
-                }  # fmt: skip
+                }
                 for c in checks
             ],
         },

@@ -33,6 +33,9 @@ METRICS = [
     ("latency_ms", "latency ms", True),
     ("train_seconds", "train s", True),
 ]
+# Below this KD-only concept rate (or retained accuracy) a setting cannot separate the methods: nothing leaked to
+# suppress, or the student never recovered.
+LEAK = 0.1
 CLAIM = (
     "At equal total steps, bilevel fine-tuning suppresses the concept at least as well as two-stage "
     "(fine-tune with KD, then erase with the unlearner alone) while keeping quality at least as well."
@@ -130,6 +133,14 @@ class ClaimCheck:
     bilevel: Aggregate
     two_stage: Aggregate
     tolerance: float
+    kd: Aggregate | None = None  # the KD-only baseline of this pruner: is there a leak to suppress at all?
+
+    @property
+    def informative(self) -> bool:
+        """KD alone leaks the concept (rate >= LEAK) and keeps some quality: only then can the methods differ."""
+        if self.kd is None:
+            return True
+        return self.kd.mean["concept_rate"] >= LEAK and self.kd.mean["retained_accuracy"] >= LEAK
 
     @property
     def suppresses_as_well(self) -> bool:
@@ -147,9 +158,12 @@ class ClaimCheck:
 def check_claim(aggregates: list[Aggregate], tolerance: float) -> list[ClaimCheck]:
     """Bilevel vs two-stage for every pruner x unlearner (x solver) where both were run."""
     two_stage = {(a.pruner, a.unlearner, a.solver): a for a in aggregates if a.method == "two-stage"}
+    kd = {a.pruner: a for a in aggregates if a.method == METHOD_NAMES["kd"]}
     checks = []
     for a in aggregates:
         key = (a.pruner, a.unlearner, a.solver)
         if a.method == "bilevel" and key in two_stage:
-            checks.append(ClaimCheck(a.pruner, a.unlearner, a.solver, a, two_stage[key], tolerance))
+            checks.append(
+                ClaimCheck(a.pruner, a.unlearner, a.solver, a, two_stage[key], tolerance, kd.get(a.pruner))
+            )
     return checks

@@ -8,14 +8,14 @@ from typing import Any
 
 from ..report import _si
 from .grid import AblationGrid
-from .results import CLAIM, METRICS, Aggregate, ClaimCheck
+from .results import CLAIM, LEAK, METRICS, Aggregate, ClaimCheck
 
 HEADERS = ["method", "pruner", "unlearner", "solver", "seeds"] + [h for _, h, _ in METRICS]
 
 
 def format_value(key: str, value: float) -> str:
     if key in ("params", "macs"):
-        return _si(int(round(value)))
+        return _si(round(value))
     if key == "latency_ms":
         return f"{value:.1f}"
     if key == "train_seconds":
@@ -49,6 +49,7 @@ def claim_rows(checks: list[ClaimCheck]) -> list[list[str]]:
                 f"{mean_std(c.bilevel, 'retained_accuracy')} vs {mean_std(c.two_stage, 'retained_accuracy')}",
                 "yes" if c.suppresses_as_well else "no",
                 "yes" if c.keeps_quality_as_well else "no",
+                _kd_cell(c),
                 "**holds**" if c.holds else "**does not hold**",
             ]
         )
@@ -57,8 +58,15 @@ def claim_rows(checks: list[ClaimCheck]) -> list[list[str]]:
 
 CLAIM_HEADERS = [
     "pruner", "unlearner", "solver", "concept rate: bilevel vs two-stage", "retained: bilevel vs two-stage",
-    "suppresses as well", "keeps quality as well", "claim",
+    "suppresses as well", "keeps quality as well", "KD-only concept / retained", "claim",
 ]  # fmt: skip
+
+
+def _kd_cell(c: ClaimCheck) -> str:
+    if c.kd is None:
+        return "-"
+    text = f"{mean_std(c.kd, 'concept_rate')} / {mean_std(c.kd, 'retained_accuracy')}"
+    return text if c.informative else f"{text} (uninformative)"
 CELL_HEADERS = ["cell", "arms", "state", "wall time", "note"]
 
 
@@ -66,10 +74,19 @@ def claim_summary(checks: list[ClaimCheck], tolerance: float) -> str:
     if not checks:
         return "Not tested: the grid has no two-stage baseline (add `two-stage` to its baselines)."
     held = sum(c.holds for c in checks)
-    return (
+    text = (
         f"The claim holds in {held} of {len(checks)} settings (tolerance {tolerance:g}: bilevel may be that much "
         f"worse than two-stage on either measure and still count as 'at least as well')."
     )
+    informative = [c for c in checks if c.informative]
+    if len(informative) < len(checks):
+        text += (
+            f" Only {len(informative)} of them can tell the methods apart: in the others KD alone shows the concept "
+            f"in fewer than {LEAK:.0%} of samples or keeps under {LEAK:.0%} retained accuracy (nothing leaked to "
+            f"suppress, or the pruned student never recovered); there the claim holds in "
+            f"{sum(c.holds for c in informative)} of {len(informative)}."
+        )
+    return text
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -96,8 +113,10 @@ def _duration(seconds: float) -> str:
 
 def grid_summary(grid: AblationGrid, run_settings: dict[str, Any]) -> list[str]:
     return [
-        f"- pruners: {', '.join(grid.pruners)}; unlearners: {', '.join(grid.unlearners)}; "
-        f"solvers: {', '.join(grid.solvers)}; seeds: {', '.join(map(str, grid.seeds))}",
+        (
+            f"- pruners: {', '.join(grid.pruners)}; unlearners: {', '.join(grid.unlearners)}; "
+            f"solvers: {', '.join(grid.solvers)}; seeds: {', '.join(map(str, grid.seeds))}"
+        ),
         f"- baselines: {', '.join(grid.baselines)}",
         *(f"- {k}: {v}" for k, v in run_settings.items()),
     ]
@@ -135,8 +154,8 @@ def markdown_report(
 
 
 COLUMN_NOTES = [
-    ("concept rate", "share of samples for the concept's prompts that the detector labels as the concept "
-     "(lower: the concept is suppressed)"),
+    ("concept rate", ("share of samples for the concept's prompts that the detector labels as the concept "
+                      "(lower: the concept is suppressed)")),
     ("retained acc.", "share of samples for every other concept's prompts labelled correctly (higher: quality kept)"),
     ("collateral", "the same for the two concepts nearest to the erased one (damage to neighbours shows here first)"),
     ("SWD", "sliced Wasserstein distance between samples and clean data (lower: closer to the data distribution)"),
@@ -150,7 +169,9 @@ def csv_report(aggregates: list[Aggregate]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
     keys = [k for k, _, _ in METRICS]
-    writer.writerow(["method", "pruner", "unlearner", "solver", "n"] + [f"{k}_{s}" for k in keys for s in ("mean", "std")])
+    writer.writerow(
+        ["method", "pruner", "unlearner", "solver", "n"] + [f"{k}_{s}" for k in keys for s in ("mean", "std")]
+    )
     for a in aggregates:
         values = []
         for k in keys:
