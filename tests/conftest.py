@@ -14,6 +14,16 @@ import torch
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny problems and small batches: a second intra-op thread only adds contention (OpenMP spin-waiting made
+    them 15x slower on a busy 2-core machine). Modules opt in with `pytestmark = pytest.mark.usefixtures(...)`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe():
     """The shipped tiny teacher pipeline (frozen)."""

@@ -20,13 +20,7 @@ NX, NY = 3, 5
 PLAIN_IFT = {"upper_every": 1, "hvp_batch_size": None}  # the plain estimator: every step, H on the whole batch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: a second intra-op thread only adds contention (15x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _spd(n: int, gen: torch.Generator) -> torch.Tensor:

@@ -96,13 +96,7 @@ def tiny_ctx(pipe, run_dir: Path | None = None, concepts: tuple[str, ...] = ("pu
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small batches: one thread is faster, and immune to OpenMP spin-waiting on a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -220,8 +220,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply 'a.b.c=value' (value parsed as YAML, so 3, 1e-4, true, [a, b] work) to a nested dict."""
+def parse_assignment(assignment: str) -> tuple[str, Any]:
+    """'a.b.c=value' -> ('a.b.c', value), the value parsed as YAML (so 3, 1e-4, true, [a, b] work)."""
     if "=" not in assignment:
         raise BilevelError(f"override {assignment!r} must look like key.path=value")
     key, raw = assignment.split("=", 1)
@@ -229,13 +229,23 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else raw
     except yaml.YAMLError:
         value = raw
-    parts = key.strip().split(".")
+    return key.strip(), value
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """data['a']['b']['c'] = value for key 'a.b.c', creating sections on the way."""
+    parts = key.split(".")
     node = data
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise BilevelError(f"override {assignment!r}: {part!r} is not a section")
+            raise BilevelError(f"override {key}={value!r}: {part!r} is not a section")
     node[parts[-1]] = value
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply 'a.b.c=value' (value parsed as YAML) to a nested dict."""
+    set_dotted(data, *parse_assignment(assignment))
 
 
 def build_config(data: dict[str, Any]) -> RunConfig:

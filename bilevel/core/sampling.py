@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from diffusers import DDIMScheduler
 
 
 @torch.no_grad()
@@ -28,6 +27,8 @@ def sample_images(
     initial: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample len(cond) images; `stop_at` ends after that many DDIM steps and returns x_t (for ESD's partial sampling)."""
+    from diffusers import DDIMScheduler  # here, not at import: `bilevel plugins` must not pay for diffusers
+
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(steps)
     device = cond.device
@@ -91,6 +92,8 @@ def sample_trajectories(
     score: when given, also returns score(eps_uncond, eps_cond) at every state (N, steps, C, H, W); the sampler
     computes both predictions anyway, so e.g. ESD's frozen-model targets come for free.
     """
+    from diffusers import DDIMScheduler
+
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(steps)
     dtype = next(unet.parameters()).dtype

@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ..config import parse_assignment
 from ..errors import BilevelError
 from ..report import console
 from .execute import GRID_FILE, GridOutcome, read_status, run_grid
@@ -29,16 +28,8 @@ def _seeds(text: str | None) -> list[int] | None:
 
 
 def _base_overrides(assignments: list[str]) -> dict[str, Any]:
-    base: dict[str, Any] = {}
-    for assignment in assignments:
-        if "=" not in assignment:
-            raise BilevelError(f"override {assignment!r} must look like key.path=value")
-        key, raw = assignment.split("=", 1)
-        try:
-            base[key.strip()] = yaml.safe_load(raw) if raw.strip() else raw
-        except yaml.YAMLError:
-            base[key.strip()] = raw
-    return base
+    """--set KEY=VALUE flags -> the grid's `base` overrides (parsed exactly as `bilevel run --set`)."""
+    return dict(parse_assignment(a) for a in assignments)
 
 
 def grid_from_args(args: argparse.Namespace) -> AblationGrid:

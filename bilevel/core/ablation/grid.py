@@ -9,14 +9,14 @@ seed starts its erase stage), and one method cell per pruner x unlearner x solve
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
 from ... import CONFIG_VERSION
-from ..config import RunConfig, Section, apply_override, build_config, read_config_file, validation_message
+from ..config import RunConfig, Section, build_config, read_config_file, set_dotted, validation_message
 from ..errors import BilevelError
 
 Baseline = Literal["teacher", "pruned", "ddpm", "kd", "two-stage"]
@@ -87,7 +87,6 @@ class Cell:
     solver: str | None = None
     seed: int = 0
     depends_on: str | None = None  # the baseline cell whose KD student the two-stage arm starts from
-    labels: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 def plan_cells(grid: AblationGrid) -> list[Cell]:
@@ -124,7 +123,7 @@ def cell_config(grid: AblationGrid, cell: Cell, folder: Path, grid_root: Path) -
     """The run config of one cell: the grid's base overrides, the cell's plugins, seed, arms and folder."""
     data: dict[str, Any] = {}
     for key, value in grid.base.items():
-        apply_override(data, f"{key}={_yaml_value(value)}")
+        set_dotted(data, key, copy.deepcopy(value))
     for section, name in (("pruner", cell.pruner), ("unlearner", cell.unlearner), ("solver", cell.solver)):
         if name is not None:
             data[section] = {"name": name, "options": copy.deepcopy(grid.options.get(name, {}))}
@@ -134,13 +133,6 @@ def cell_config(grid: AblationGrid, cell: Cell, folder: Path, grid_root: Path) -
     if cell.depends_on is not None:
         data["reuse_kd_from"] = str(grid_root / cell.depends_on)
     return build_config(data)
-
-
-def _yaml_value(value: Any) -> str:
-    """Render a base override so apply_override's YAML parsing gives the same value back."""
-    import json
-
-    return json.dumps(value) if not isinstance(value, str) else value
 
 
 def load_grid(path: Path | None, quick: bool = False, overrides: dict[str, Any] | None = None) -> AblationGrid:

@@ -15,9 +15,10 @@ from .execute import GridOutcome, cell_folder
 from .grid import AblationGrid
 from .html_page import html_report
 from .plots import plot_curves, plot_scatter
-from .results import CLAIM, METRICS, aggregate, check_claim, collect
+from .results import CLAIM, aggregate, check_claim, collect
 from .tables import (
     CELL_HEADERS,
+    HEADERS,
     cell_rows,
     claim_rows,
     claim_summary,
@@ -113,18 +114,17 @@ def write_report(grid: AblationGrid, outcome: GridOutcome) -> Path:
 
 
 def _print(aggregates, checks, summary: str, outcome: GridOutcome) -> None:
+    console.print(_rich_table("ablation results", HEADERS, result_rows(aggregates)))
+    console.print(summary)
+    console.print(_rich_table("cells", CELL_HEADERS, cell_rows(outcome.cells, outcome.status)))
+
+
+def _rich_table(title: str, headers: list[str], rows: list[list[str]]):
     from rich.table import Table
 
-    table = Table(title="ablation results")
-    for header in ["method", "pruner", "unlearner", "solver", "seeds"] + [h for _, h, _ in METRICS]:
+    table = Table(title=title)
+    for header in headers:
         table.add_column(header)
-    for row in result_rows(aggregates):
+    for row in rows:
         table.add_row(*row)
-    console.print(table)
-    console.print(summary)
-    cells = Table(title="cells")
-    for header in CELL_HEADERS:
-        cells.add_column(header)
-    for row in cell_rows(outcome.cells, outcome.status):
-        cells.add_row(*row)
-    console.print(cells)
+    return table

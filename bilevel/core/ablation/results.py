@@ -163,7 +163,5 @@ def check_claim(aggregates: list[Aggregate], tolerance: float) -> list[ClaimChec
     for a in aggregates:
         key = (a.pruner, a.unlearner, a.solver)
         if a.method == "bilevel" and key in two_stage:
-            checks.append(
-                ClaimCheck(a.pruner, a.unlearner, a.solver, a, two_stage[key], tolerance, kd.get(a.pruner))
-            )
+            checks.append(ClaimCheck(a.pruner, a.unlearner, a.solver, a, two_stage[key], tolerance, kd.get(a.pruner)))
     return checks

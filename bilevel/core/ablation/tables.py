@@ -67,6 +67,8 @@ def _kd_cell(c: ClaimCheck) -> str:
         return "-"
     text = f"{mean_std(c.kd, 'concept_rate')} / {mean_std(c.kd, 'retained_accuracy')}"
     return text if c.informative else f"{text} (uninformative)"
+
+
 CELL_HEADERS = ["cell", "arms", "state", "wall time", "note"]
 
 
