@@ -102,7 +102,7 @@ def build(label: str):
     pruned = pruner.prune(world.teacher, calib)
     student = copy.deepcopy(pruned.student).train().requires_grad_(True)
     solver = make_solver(label)
-    coupling = getattr(solver.config, "coupling", "shared") if solver is not None else "shared"
+    coupling = solver.coupling if solver is not None else "shared"
     problem = build_problem(
         student, world, config, config.training.weights, pruned.feature_pairs, unlearner, coupling, None
     )

@@ -26,9 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="prune, fine-tune bilevel (with baselines), evaluate, report")
+    run.add_argument("--preset", help="start from a shipped preset (see `bilevel presets`); --config, flags and "
+                     "--set override it")  # fmt: skip
     run.add_argument("--config", type=Path, help="YAML/TOML/JSON run config; flags override it")
     run.add_argument("--model", help="teacher: 'tiny' (shipped), a local diffusers pipeline folder (tiny or Stable "
                      "Diffusion) or a hub id of a Stable Diffusion pipeline")
+    run.add_argument("--world", help="world plugin serving the model (default: resolved from --model; see "
+                     "`bilevel plugins`)")  # fmt: skip
     run.add_argument("--trust-remote-code", action="store_true", default=None,
                      help="allow a pipeline whose model_index.json names custom code (off by default)")  # fmt: skip
     run.add_argument("--pruner", help="pruner plugin name (see `bilevel plugins`)")
@@ -63,26 +67,32 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--check-html", action="store_true",
                     help="render report.html in headless Chromium (writes report.png) and fail if it is broken")  # fmt: skip
 
-    ev = sub.add_parser("eval", help="evaluate a model on the tiny world")
-    ev.add_argument("model", help="'tiny', a pipeline folder, or a student folder written by bilevel")
+    model_help = ("'tiny', a local diffusers pipeline folder (tiny or Stable Diffusion, exported ones included), a hub "
+                  "id, or a student folder written by bilevel (paired with the pipeline its manifest records)")
+    ev = sub.add_parser("eval", help="evaluate any model on its world (concept rate, retained accuracy, quality, cost)")
+    ev.add_argument("model", help=model_help)
     ev.add_argument("--concept", action="append", help="concept(s) to measure (default purple)")
-    ev.add_argument("--samples", type=int, default=64, help="samples per colour group")
-    ev.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    ev.add_argument("--guidance", type=float, default=2.0)
-    ev.add_argument("--seed", type=int, default=1234)
+    ev.add_argument("--samples", type=int, help="samples per prompt group (default 64)")
+    ev.add_argument("--steps", type=int, help="DDIM steps (default 25)")
+    ev.add_argument("--guidance", type=float, help="classifier-free guidance (default 2.0)")
+    ev.add_argument("--seed", type=int, help="sampling seed (default 1234)")
     ev.add_argument("--out", type=Path, help="folder for report.json and grid.png")
+    _world_flags(ev)
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="world setting, e.g. --set evaluation.sd.clip_model=DIR --set data.retain_prompts=[...]")  # fmt: skip
 
     prune = sub.add_parser("prune", help="prune a teacher and write the student (compression only)")
-    prune.add_argument("--model", default="tiny", help="teacher: 'tiny' or a local diffusers pipeline folder")
+    prune.add_argument("--model", default="tiny", help="teacher: 'tiny', a local diffusers pipeline folder or a hub id")
     prune.add_argument("--pruner", default="magnitude", help="pruner plugin name")
     prune.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
-                       help="pruner option, e.g. --set ratio=0.4 or --set variant=tiny")  # fmt: skip
+                       help="pruner option (e.g. ratio=0.4, variant=tiny) or world setting (model.*, world.*, data.*, "
+                       "e.g. data.finetune_data=DIR for calibration images on Stable Diffusion)")  # fmt: skip
     prune.add_argument("--out", type=Path, required=True, help="folder for the student")
     prune.add_argument("--overwrite", action="store_true", help="replace a student already in --out")
-    prune.add_argument("--device", default="cpu")
+    _world_flags(prune, pipeline=False)
 
-    unlearn = sub.add_parser("unlearn", help="erase concept(s) from a model folder with one unlearner (standalone)")
-    unlearn.add_argument("model", help="'tiny', a pipeline folder, or a student folder written by bilevel")
+    unlearn = sub.add_parser("unlearn", help="erase concept(s) from a model with one unlearner (standalone)")
+    unlearn.add_argument("model", help=model_help)
     unlearn.add_argument("--unlearner", default="esd", help="unlearner plugin name")
     unlearn.add_argument("--concept", action="append", help="concept to erase (repeatable; default purple)")
     unlearn.add_argument("--steps", type=int, help="default: the unlearner's measured recommendation (200)")
@@ -90,9 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--batch-size", type=int, default=16)
     unlearn.add_argument("--seed", type=int, default=0)
     unlearn.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
-                         help="unlearner option, e.g. --set variant=full")  # fmt: skip
+                         help="unlearner option (e.g. variant=full; overrides one recommended option) or world "
+                         "setting (model.*, world.*, data.*, evaluation.*)")  # fmt: skip
     unlearn.add_argument("--out", type=Path, required=True, help="folder for the erased model")
-    unlearn.add_argument("--device", default="cpu")
+    _world_flags(unlearn)
+
+    export = sub.add_parser("export", help="write a student as a complete diffusers pipeline folder")
+    export.add_argument("source", type=Path, help="a student folder, or a run folder (its bilevel arm unless --arm)")
+    export.add_argument("--out", type=Path, required=True, help="folder for the pipeline")
+    export.add_argument("--arm", help="which student of a run folder (ddpm, kd, bilevel, two-stage, pruned)")
+    export.add_argument("--pipeline", help="the pipeline the student was pruned from (default: recorded in its manifest)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
     teacher = sub.add_parser("teacher", help="the tiny-world teacher")
     tsub = teacher.add_subparsers(dest="teacher_command", required=True, parser_class=_Parser)
@@ -101,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=None)
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+
+    presets = sub.add_parser("presets", help="list the shipped run presets (`bilevel run --preset NAME`)")
+    presets.add_argument("--show", metavar="NAME", help="print one preset's file")
 
     plugins = sub.add_parser("plugins", help="list registered plugins")
     plugins.add_argument("--json", action="store_true", help="machine-readable listing")
@@ -126,11 +147,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.resume:
         return _resume_run(args)
+    from .core.presets import layer, load_preset
+
+    preset: dict[str, Any] = load_preset(args.preset) if args.preset else {}
     data: dict[str, Any] = read_config_file(args.config) if args.config else {}
     flag_overrides = {
         "model.source": args.model,
         "model.device": args.device,
         "model.trust_remote_code": args.trust_remote_code,
+        "world.name": args.world,
         "pruner.name": args.pruner,
         "unlearner.name": args.unlearner,
         "solver.name": args.solver,
@@ -146,14 +171,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.arms:
         data["arms"] = [a.strip() for a in args.arms.split(",") if a.strip()]
     if args.schedule:
-        base = data.get("arms") or ["teacher", "pruned", "ddpm", "kd", "bilevel"]
+        base = data.get("arms") or preset.get("arms") or ["teacher", "pruned", "ddpm", "kd", "bilevel"]
         base = [a for a in base if a not in ("bilevel", "two-stage")]
         data["arms"] = base + {"bilevel": ["bilevel"], "two-stage": ["two-stage"], "both": ["bilevel", "two-stage"]}[args.schedule]
     if args.overwrite:
         data.setdefault("output", {})["overwrite"] = True
     for assignment in args.overrides:
         apply_override(data, assignment)
-    config = build_config(data)
+    config = build_config(layer(preset, data))  # the preset is the bottom layer
     from .core.runner import run
 
     run(config)
@@ -162,7 +187,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 #: `run` flags that would change a run; --resume refuses them rather than continue a different run than was started.
 _RUN_FLAGS = (
-    "config", "model", "pruner", "unlearner", "solver", "concept", "steps", "arms", "schedule", "overwrite", "device",
+    "preset", "config", "model", "pruner", "unlearner", "solver", "concept", "steps", "arms", "schedule", "overwrite",
+    "device", "world",
     "trust_remote_code", "overrides",
 )  # fmt: skip
 
@@ -189,38 +215,106 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return ablate(args)
 
 
+def _world_flags(parser: argparse.ArgumentParser, pipeline: bool = True) -> None:
+    """The flags every command that builds a world shares."""
+    parser.add_argument("--world", help="world plugin serving the model (default: resolved from the model)")
+    parser.add_argument("--config", type=Path, help="YAML/TOML/JSON run config whose model/world/data/evaluation "
+                        "settings apply (flags override it)")  # fmt: skip
+    parser.add_argument("--device", default="cpu")
+    if pipeline:
+        parser.add_argument("--pipeline", help="for a student folder: the pipeline it was pruned from (default: "
+                            "recorded in its manifest)")  # fmt: skip
+
+
+#: --set keys of prune/unlearn that address the world's run config rather than the plugin's options.
+WORLD_SECTIONS = ("model.", "world.", "data.", "evaluation.")
+
+
+def _split_sets(assignments: list[str], kind: str) -> tuple[list[str], dict[str, Any]]:
+    """(run-config assignments, plugin options): `data.x=1` is a world setting, `x=1` or `<kind>.options.x=1` an option."""
+    from .core.config import apply_override
+
+    world: list[str] = []
+    options: dict[str, Any] = {}
+    for assignment in assignments:
+        key = assignment.split("=", 1)[0].strip()
+        if key.startswith(WORLD_SECTIONS) or key == "concepts":
+            world.append(assignment)
+        else:
+            apply_override(options, assignment.strip().removeprefix(f"{kind}.options."))
+    return world, options
+
+
+def _world_config(args: argparse.Namespace, pipeline: str, assignments: list[str], defaults: dict[str, Any]):
+    """A RunConfig holding the world's settings: --config, then the command's defaults where the file is silent,
+    then flags and --set (later wins)."""
+    from .core.config import apply_override, build_config, read_config_file
+
+    data: dict[str, Any] = read_config_file(args.config) if getattr(args, "config", None) else {}
+    for key, value in defaults.items():
+        section, field = key.split(".")
+        data.setdefault(section, {}).setdefault(field, value)
+    data.setdefault("model", {}).update({"source": pipeline, "device": args.device})
+    if getattr(args, "world", None):
+        data.setdefault("world", {})["name"] = args.world
+    if getattr(args, "concept", None):
+        data["concepts"] = args.concept
+    for assignment in assignments:
+        apply_override(data, assignment)
+    return build_config(data)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .core.evaluate_cli import evaluate_model
+    from .core.models import resolve_model_ref
 
-    evaluate_model(args.model, args.concept or ["purple"], args.samples, args.steps, args.guidance, args.seed, args.out)
+    ref = resolve_model_ref(args.model, args.pipeline)
+    flags = {"evaluation.samples_per_prompt": args.samples, "evaluation.steps": args.steps,
+             "evaluation.guidance": args.guidance, "evaluation.seed": args.seed}  # fmt: skip
+    given = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    defaults = {"evaluation.samples_per_prompt": 64, "data.finetune_size": 512}
+    config = _world_config(args, ref.pipeline, given + list(args.overrides), defaults)
+    evaluate_model(ref, config, args.out, label=args.model)
     return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .core.config import apply_override
     from .core.prune_command import prune_to_folder
 
-    options: dict[str, Any] = {}
-    for assignment in args.options:
-        apply_override(options, assignment)
-    prune_to_folder(args.model, args.pruner, options, args.out, device=args.device, overwrite=args.overwrite)
+    world_sets, options = _split_sets(args.options, "pruner")
+    config = _world_config(args, args.model, world_sets, {})
+    prune_to_folder(
+        args.model, args.pruner, options, args.out, device=args.device, overwrite=args.overwrite, world_config=config,
+        latency_repeats=config.evaluation.latency_repeats,
+    )
     return 0
 
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
-    from .core.config import apply_override
+    from .core.models import resolve_model_ref
     from .core.unlearn_command import RECOMMENDED, unlearn_model
 
     recommended = RECOMMENDED.get(args.unlearner)
-    options: dict[str, Any] = dict(recommended.options) if recommended and not args.options else {}
-    for assignment in args.options:
-        apply_override(options, assignment)
+    world_sets, given = _split_sets(args.options, "unlearner")
+    options: dict[str, Any] = {**(recommended.options if recommended else {}), **given}  # --set overrides one key
     steps = args.steps or (recommended.steps if recommended else 200)
     lr = args.lr or (recommended.lr if recommended else 3e-4)
+    ref = resolve_model_ref(args.model, args.pipeline)
+    config = _world_config(args, ref.pipeline, world_sets, {})
     unlearn_model(
-        args.model, args.unlearner, options, args.concept or ["purple"], steps, lr, args.out,
-        batch_size=args.batch_size, seed=args.seed, device=args.device,
+        args.model, args.unlearner, options, args.concept or list(config.concepts), steps, lr, args.out,
+        batch_size=args.batch_size, seed=args.seed, device=args.device, pipeline=args.pipeline, world_config=config,
     )  # fmt: skip
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .core.report import console
+    from .export import export_model
+
+    result = export_model(args.source, args.out, arm=args.arm, pipeline=args.pipeline, overwrite=args.overwrite)
+    kind = "stock diffusers pipeline" if result.stock else "channel-pruned student (no stock config describes it)"
+    console.print(f"exported {result.student} -> {result.out}: {kind}; load with {result.how_to_load}")
     return 0
 
 
@@ -231,6 +325,19 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     config = TeacherTrainConfig(**options)
     train_teacher(config, args.out, resume=not args.no_resume)
     print(f"teacher pipeline written to {args.out / 'pipeline'}")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from .core.presets import available, get_preset
+
+    if args.show:
+        print(get_preset(args.show).text, end="")
+        return 0
+    presets = available()
+    width = max((len(name) for name in presets), default=0)
+    for name, preset in presets.items():
+        print(f"{name:<{width}}  r{preset.revision}  {preset.description}")
     return 0
 
 
@@ -281,7 +388,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "ablate": cmd_ablate, "eval": cmd_eval, "prune": cmd_prune, "unlearn": cmd_unlearn, "teacher": cmd_teacher, "plugins": cmd_plugins}
+COMMANDS = {"run": cmd_run, "ablate": cmd_ablate, "eval": cmd_eval, "prune": cmd_prune, "unlearn": cmd_unlearn, "export": cmd_export, "teacher": cmd_teacher, "plugins": cmd_plugins, "presets": cmd_presets}
 
 if __name__ == "__main__":  # pragma: no cover
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

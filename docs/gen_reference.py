@@ -254,11 +254,11 @@ def config_reference() -> str:
     reg = _registry()
     out.append(
         "## Plugin options\n\n"
-        "Given under `pruner.options`, `unlearner.options` or `solver.options` of a run config "
+        "Given under `pruner.options`, `unlearner.options`, `solver.options` or `world.options` of a run config "
         "(`--set unlearner.options.variant=full`), or as `--set key=value` to `bilevel prune` / `bilevel unlearn`. "
         "`bilevel plugins --schema NAME` prints the same as JSON schema.\n"
     )
-    for kind in ("pruner", "unlearner", "solver"):
+    for kind in ("pruner", "unlearner", "solver", "world"):
         out.append(f"### {kind}s\n")
         for name in reg.names(kind):
             info = reg.plugins[kind][name]

@@ -11,6 +11,6 @@ want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$VENV/bin/python" -c "import bilevel" 2>/dev/null; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev]"
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev,sd,digits]"
   echo "$want" > "$stamp"
 fi

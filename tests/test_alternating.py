@@ -28,7 +28,6 @@ def make_problem(calls: list[str]) -> tuple[BilevelProblem, torch.nn.Module]:
         upper_params={"bias": params["bias"]},
         lower_optimizer=torch.optim.SGD([params["weight"]], lr=0.1),
         upper_optimizer=torch.optim.SGD([params["bias"]], lr=0.1),
-        coupling="split",
     ), model
 
 
@@ -73,3 +72,24 @@ def test_runner_partitions_parameters_by_coupling(tiny_pipe):
     split = build_problem(student, world, config, config.training.weights, [], esd, "split")
     assert set(split.upper_params) == set(shared.upper_params)
     assert set(split.lower_params) == everything - set(split.upper_params)
+
+
+def test_upper_objective_reevaluates_one_drawn_batch(tiny_pipe):
+    """Solvers evaluate the upper loss several times on one batch: the upper Objective's batch is data, not a
+    generator the unlearner consumes, so a second evaluation sees the same batch."""
+    import copy
+
+    from bilevel.core.config import RunConfig
+    from bilevel.core.problem_builder import build_problem
+    from bilevel.core.tinyworld.world import TinyWorld
+    from bilevel.plugins.unlearners.esd import ESD, ESDConfig
+
+    world = TinyWorld.build(tiny_pipe, ["purple"], finetune_size=32, concept_size=8, seed=0)
+    config = RunConfig()
+    student = copy.deepcopy(tiny_pipe.unet).requires_grad_(True)
+    esd = ESD(ESDConfig(variant="x", xt_source="data"))
+    problem = build_problem(student, world, config, config.training.weights, [], esd, "shared")
+    batch = problem.upper.draw()
+    first = problem.upper.loss(batch)
+    assert torch.equal(problem.upper.loss(batch), first)
+    assert not torch.equal(problem.upper.loss(problem.upper.draw()), first)  # the next draw is a new batch

@@ -51,7 +51,8 @@ def site(tmp_path_factory):
 
 def test_site_has_every_page(site):
     for page in ("index", "quick-start/index", "concepts/index", "plugin-api/index", "tiny-world/index",
-                 "real-stable-diffusion/index", "reference/cli/index", "reference/config/index"):  # fmt: skip
+                 "real-stable-diffusion/index", "reproduce-the-paper/index", "reference/cli/index",
+                 "reference/config/index"):  # fmt: skip
         assert (site / f"{page}.html").is_file(), page
 
 
@@ -77,7 +78,7 @@ def test_config_reference_lists_every_section_field_and_plugin(site):
                 assert f"{child}" in text, f"{name}.{child}"
     assert "training.weights" in text
     reg = get_registry()
-    for kind in ("pruner", "unlearner", "solver"):
+    for kind in ("pruner", "unlearner", "solver", "world"):
         for name in reg.names(kind):
             assert f"{kind} {name}" in text, f"{kind} {name}"
             for option in reg.plugins[kind][name].cls.Config.model_fields:

@@ -95,7 +95,7 @@ def test_run_with_the_example_unlearner_end_to_end(plugin_env):
     history = metrics["histories"]["bilevel"]
     assert any("upper_loss" in h for h in history)
     config = json.loads((out / "config.json").read_text())
-    assert config["unlearner"]["name"] == "uce" and config["unlearner"]["options"]["anchor"] == "farthest"
+    assert config["unlearner"]["name"] == "uce" and config["unlearner"]["options"]["anchor"]["mode"] == "farthest"
 
 
 def test_prune_with_the_example_pruner(plugin_env):

@@ -116,19 +116,20 @@ def test_feature_pairs_match_teacher(case: str, pruned, teacher) -> None:
     result = pruned[case]
     student, pairs = result.student, result.feature_pairs
     assert pairs
-    s_tap = FeatureTap(student, [p.student for p in pairs])
-    t_tap = FeatureTap(teacher, [p.teacher for p in pairs])
     inputs = example_inputs(teacher, 2)
-    with torch.no_grad():
+    with (
+        torch.no_grad(),
+        FeatureTap(student, [p.student for p in pairs]) as s_tap,
+        FeatureTap(teacher, [p.teacher for p in pairs]) as t_tap,
+    ):
         student(**inputs)
         teacher(**inputs)
+        s_out, t_out = dict(s_tap.outputs), dict(t_tap.outputs)
     for pair in pairs:
-        s, t = s_tap.outputs[pair.student], t_tap.outputs[pair.teacher]
+        s, t = s_out[pair.student], t_out[pair.teacher]
         if pair.teacher_channels is not None:
             t = t[:, list(pair.teacher_channels)]
         assert s.shape == t.shape, pair
-    s_tap.remove()
-    t_tap.remove()
 
 
 @pytest.mark.parametrize("case", CASE_IDS)
@@ -281,9 +282,10 @@ def test_stopping_rule_on_hand_made_losses() -> None:
 
 def test_diff_pruning_accumulates_until_the_loss_drops(tiny_pipe) -> None:
     """On the trained shipped teacher the loss falls with t, so accumulation stops early; gradients are summed."""
-    from bilevel.core.prune_command import calibration_batch
+    from bilevel.core.tinyworld.world import TinyWorld
+    from bilevel.core.world import calibration_batch
 
-    calib = calibration_batch(tiny_pipe, 4, 0)
+    calib = calibration_batch(TinyWorld.build(tiny_pipe, ["purple"], 16, 8, seed=0), 4)
     unet = copy.deepcopy(tiny_pipe.unet).train()
     record = accumulate_diffusion_gradients(unet, calib, DiffPruningConfig(timestep_stride=20), stop=True)
     assert record.stopped_early and record.timesteps[0] == 0 and len(record.timesteps) < 50

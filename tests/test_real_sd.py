@@ -122,8 +122,9 @@ def test_run_epsilon_bf16_checkpointing_caption_folder(assets, capsys):
     for row in rows.values():
         assert 0.0 <= row["concept_rate"] <= 1.0 and f"concept_rate/{CONCEPT}" in row
         assert math.isfinite(row["clip_score"]) and row["clip_score"] >= 0
-        assert math.isfinite(row["fid"]) and row["fid"] >= 0
-        assert "swd" not in row and "retained_accuracy" not in row  # tiny-world metrics do not apply
+        assert row["quality_metric"] == "fid" and math.isfinite(row["quality_distance"]) and row["quality_distance"] >= 0
+        assert row["retained_accuracy"] is None and row["collateral"] is None  # no detector for the retain prompts
+        assert "per_colour" not in row and set(row["per_group"]) == {CONCEPT}  # no tiny-world words on SD
     assert rows["pruned"]["params"] < rows["teacher"]["params"]
     finite_history(metrics, "kd")
     assert any("upper_loss" in e for e in finite_history(metrics, "bilevel"))
@@ -325,48 +326,19 @@ def test_precision_config_values():
         build_config({"model": {"mixed_precision": "fp8"}})
 
 
-def test_saved_dataset_records_through_the_datasets_api(assets, monkeypatch, tmp_path):
-    """The saved-dataset reader against a stand-in with the `datasets` calls it uses (load_from_disk, DatasetDict,
-    column_names, select, column access), so the path is checked where the package is not installed."""
-    import sys
-    import types
-
+def test_saved_dataset_records_through_the_real_datasets_package(assets, tmp_path):
+    """The saved-dataset reader on folders written by the real `datasets` package (save_to_disk): a flat Dataset
+    and a DatasetDict, named image/caption columns, a missing column as one line."""
+    datasets = pytest.importorskip("datasets")
     from bilevel.core.errors import BilevelError
     from bilevel.core.sdworld.data import iter_batches, list_records
 
     images = [Image.open(p).convert("RGB") for p in sorted(assets["data"].glob("*.png"))]
-
-    class Dataset:
-        def __init__(self, columns: dict[str, list]) -> None:
-            self.columns = columns
-
-        @property
-        def column_names(self) -> list[str]:
-            return list(self.columns)
-
-        def __len__(self) -> int:
-            return len(next(iter(self.columns.values())))
-
-        def select(self, indices) -> Dataset:
-            return Dataset({k: [v[i] for i in indices] for k, v in self.columns.items()})
-
-        def __getitem__(self, column: str) -> list:
-            return self.columns[column]
-
-    class DatasetDict(dict):
-        pass
-
-    saved = {
-        "flat": Dataset({"img": images, "caption": CAPTIONS * 2}),
-        "dict": DatasetDict(train=Dataset({"img": images})),
-    }
-    fake = types.ModuleType("datasets")
-    fake.Dataset, fake.DatasetDict = Dataset, DatasetDict
-    fake.load_from_disk = lambda path: saved[Path(path).name]
-    monkeypatch.setitem(sys.modules, "datasets", fake)
-    for name in saved:
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "dataset_info.json").write_text("{}")
+    features = datasets.Features({"img": datasets.Image(), "caption": datasets.Value("string")})
+    flat = datasets.Dataset.from_dict({"img": images, "caption": CAPTIONS * 2}, features=features)
+    flat.save_to_disk(str(tmp_path / "flat"))
+    only_images = datasets.Dataset.from_dict({"img": images}, features=datasets.Features({"img": datasets.Image()}))
+    datasets.DatasetDict(train=only_images).save_to_disk(str(tmp_path / "dict"))
     records = list_records(tmp_path / "flat", what="fine-tuning", limit=4, captions_required=True,
                            image_column="img", caption_column="caption")  # fmt: skip
     assert [r.caption for r in records] == (CAPTIONS * 2)[:4]

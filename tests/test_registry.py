@@ -22,19 +22,22 @@ def make_distribution(root: Path, dist: str, module: str, source: str, entry: st
 
 
 GOOD_PLUGIN = """
-    from pydantic import BaseModel, ConfigDict
-    from bilevel.core.interfaces import Unlearner
+    from pydantic import ConfigDict
+    from bilevel.core.interfaces import PluginConfig, Unlearner
     from bilevel.registry import hookimpl
 
-    class NoiseConfig(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class NoiseConfig(PluginConfig):
         scale: float = 1.0
 
     class NoiseUnlearner(Unlearner):
         name = "noise-test"
         Config = NoiseConfig
+        api_version = 2
 
-        def loss(self, ctx, batch_size, generator):
+        def draw(self, ctx, batch_size, generator):
+            raise NotImplementedError
+
+        def loss(self, ctx, batch):
             raise NotImplementedError
 
     @hookimpl
@@ -119,9 +122,66 @@ def test_invalid_plugin_option_is_one_line():
 
 
 def test_unknown_option_is_refused_even_if_the_plugin_config_would_ignore_it(site):
-    lax = GOOD_PLUGIN.replace('model_config = ConfigDict(extra="forbid")', "pass").replace("fakeplug_good", "x")
+    lax = GOOD_PLUGIN.replace(
+        "scale: float = 1.0", 'model_config = ConfigDict(extra="ignore")\n        scale: float = 1.0'
+    )
     make_distribution(site, "lax-plugin", "fakeplug_lax", lax)
     reg = build_registry()
     assert reg.create("unlearner", "noise-test", {"scale": 3.0}).config.scale == 3.0
     with pytest.raises(BilevelError, match=r"has no option 'sacle'; options: scale"):
         reg.create("unlearner", "noise-test", {"sacle": 3.0})
+
+
+def test_plugin_without_its_own_api_version_is_refused_naming_it(site):
+    """api_version is never inherited from the framework's bases: a plugin must say which API it targets."""
+    undeclared = GOOD_PLUGIN.replace("        api_version = 2\n", "")
+    assert undeclared != GOOD_PLUGIN
+    make_distribution(site, "undeclared-plugin", "fakeplug_undeclared", undeclared)
+    reg = build_registry()
+    assert "noise-test" not in reg.names("unlearner") and "esd" in reg.names("unlearner")
+    errors = [f.error for f in reg.failures if "undeclared-plugin" in f.source]
+    assert len(errors) == 1 and "\n" not in errors[0]
+    assert "unlearner 'noise-test'" in errors[0] and "NoiseUnlearner" in errors[0]
+    assert "declares no api_version" in errors[0] and "api_version = 2" in errors[0]
+
+
+def test_plugin_for_another_api_version_is_refused(site):
+    make_distribution(site, "old-plugin", "fakeplug_old", GOOD_PLUGIN.replace("api_version = 2", "api_version = 1"))
+    reg = build_registry()
+    assert any("targets plugin API 1, this bilevel provides 2" in f.error for f in reg.failures)
+    assert "noise-test" not in reg.names("unlearner")
+
+
+def test_every_builtin_plugin_declares_the_current_api_version():
+    from bilevel import PLUGIN_API_VERSION
+
+    reg = build_registry()
+    assert not reg.failures
+    for kind, plugins in reg.plugins.items():
+        for info in plugins.values():
+            assert vars(info.cls).get("api_version") == PLUGIN_API_VERSION, (kind, info.name)
+
+
+def test_solver_config_must_carry_the_coupling(site):
+    plugin = """
+        from bilevel.core.interfaces import BilevelSolver, PluginConfig
+        from bilevel.registry import hookimpl
+
+        class Loose(PluginConfig):
+            steps: int = 1
+
+        class LooseSolver(BilevelSolver):
+            name = "loose"
+            Config = Loose
+            api_version = 2
+
+            def step(self, problem, step):
+                return {}
+
+        @hookimpl
+        def register_solvers(register):
+            register(LooseSolver)
+    """
+    make_distribution(site, "loose-solver", "fakeplug_loose", plugin)
+    reg = build_registry()
+    assert any("Config must subclass bilevel.core.interfaces.SolverConfig" in f.error for f in reg.failures)

@@ -46,7 +46,7 @@ def split_problem(lr_low=0.1, lr_up=0.1, seed=0):
     upper = Objective(draw=lambda: None, loss=lambda _: 0.5 * ((m.y - yt) ** 2).sum() + 0.5 * rho * (m.x**2).sum())
     problem = BilevelProblem(
         model=m, lower=lower, upper=upper, lower_params={"y": m.y}, upper_params={"x": m.x},
-        lower_optimizer=torch.optim.SGD([m.y], lr=lr_low), upper_optimizer=torch.optim.SGD([m.x], lr=lr_up), coupling="split",
+        lower_optimizer=torch.optim.SGD([m.y], lr=lr_low), upper_optimizer=torch.optim.SGD([m.x], lr=lr_up),
     )  # fmt: skip
     Ainv = torch.linalg.inv(A)
     # Phi(x) = 1/2 ||A^-1(Bx + c) - y_t||^2 + rho/2 ||x||^2
@@ -63,7 +63,7 @@ def proximal_problem(lr_low=0.1, lr_up=0.2, mu=0.7, seed=1):
     upper = Objective(draw=lambda: None, loss=lambda _: 0.5 * ((m.y - yt) ** 2).sum())
     problem = BilevelProblem(
         model=m, lower=lower, upper=upper, lower_params={"y": m.y}, upper_params={"y": m.y},
-        lower_optimizer=torch.optim.SGD([m.y], lr=lr_low), upper_optimizer=torch.optim.SGD([m.y], lr=lr_up), coupling="proximal",
+        lower_optimizer=torch.optim.SGD([m.y], lr=lr_low), upper_optimizer=torch.optim.SGD([m.y], lr=lr_up),
     )  # fmt: skip
     xstar = ((A + mu * torch.eye(NY, dtype=D)) @ yt - c) / mu  # y*(x*) = y_t
     return problem, {"A": A, "c": c, "yt": yt, "mu": mu, "xstar": xstar}
@@ -243,7 +243,6 @@ def _block_problem(mu: float, lr_low: float = 0.1, lr_up: float = 0.2):
         upper=Objective(draw=lambda: None, loss=lambda _: 0.5 * ((w() - t) ** 2).sum()),
         lower_params={"y": m.y, "z": m.z}, upper_params={"y": m.y},
         lower_optimizer=torch.optim.SGD([m.y, m.z], lr=lr_low), upper_optimizer=torch.optim.SGD([m.y], lr=lr_up),
-        coupling="proximal",
     )  # fmt: skip
     return problem, A, c, t
 
@@ -347,16 +346,32 @@ def test_bome_shared_reaches_t4_projection():
     "cls,coupling", [(UnrolledSolver, "shared"), (ImplicitSolver, "shared"), (BomeSolver, "proximal")]
 )
 def test_unsupported_coupling_is_rejected(cls, coupling):
-    problem, _ = split_problem()
-    solver = cls(cls.Config(coupling=coupling))
-    with pytest.raises(BilevelError, match=f"does not support coupling '{coupling}'"):
-        solver.setup(problem)
+    """The coupling is validated with the solver's config, before any model is built: one line naming the value."""
+    from pydantic import ValidationError
+
     from bilevel.core.config import RunConfig
     from bilevel.core.runner import resolve_plugins
 
+    assert coupling not in cls.couplings
+    with pytest.raises(ValidationError):
+        cls.Config(coupling=coupling)
     config = RunConfig.model_validate({"solver": {"name": cls.name, "options": {"coupling": coupling}}})
-    with pytest.raises(BilevelError, match="supported: "):
+    with pytest.raises(BilevelError) as err:
         resolve_plugins(config)
+    msg = str(err.value)
+    assert "\n" not in msg and "option coupling" in msg and repr(coupling) in msg
+    assert all(repr(c) in msg for c in cls.couplings)
+
+
+def test_couplings_are_read_from_the_config_literal():
+    from bilevel.core.interfaces import LowerOnly, UpperOnly
+    from bilevel.plugins.solvers.alternating import AlternatingSolver
+
+    assert AlternatingSolver.couplings == {"shared", "split"} and BomeSolver.couplings == {"shared", "split"}
+    assert UnrolledSolver.couplings == ImplicitSolver.couplings == {"proximal", "split"}
+    assert LowerOnly().coupling == UpperOnly().coupling == "shared"
+    assert ImplicitSolver().coupling == "proximal"
+    assert BomeSolver(BomeSolver.Config(coupling="split")).coupling == "split"
 
 
 def test_coupling_parameter_checks():

@@ -94,7 +94,8 @@ def test_esd_loss_matches_hand_computed_target():
         scheduler_config={}, sample_shape=(3, 2, 2), run_dir=None, device=torch.device("cpu"),
     )  # fmt: skip
     esd = ESD(ESDConfig(eta=1.0, xt_source="data"))
-    loss = esd.loss(ctx, 2, torch.Generator().manual_seed(0))
+    esd.prepare(ctx)
+    loss = esd.loss(ctx, esd.draw(ctx, 2, torch.Generator().manual_seed(0)))
     # target = 1 - 1 * (3 - 1) = -1; prediction 0.5; squared error 2.25
     assert float(loss) == pytest.approx(2.25)
     assert torch.equal(esd_target(torch.tensor(1.0), torch.tensor(3.0), 2.0), torch.tensor(-3.0))

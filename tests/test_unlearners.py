@@ -107,7 +107,7 @@ def pipe():
 def one_step(unlearner, ctx: UnlearnContext, params: dict[str, nn.Parameter], steps: int = 1, lr: float = 1e-2) -> None:
     opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
     for step in range(steps):
-        loss = unlearner.loss(ctx, 4, torch.Generator().manual_seed(step))
+        loss = unlearner.loss(ctx, unlearner.draw(ctx, 4, torch.Generator().manual_seed(step)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         unlearner.before_step(ctx.student)
@@ -135,15 +135,17 @@ def test_esd_loss_hand_computed_and_uses_each_images_prompt() -> None:
     ctx = fake_ctx(student, teacher, concepts=["purple", "pink"], concept_prompts=["a purple circle", "a pink circle"],
                    concept_images=torch.zeros(2, 3, 2, 2), concept_image_prompts=["a pink circle", "a pink circle"])  # fmt: skip
     esd = ESD(ESDConfig(xt_source="data", eta=1.0))
+    esd.prepare(ctx)
     # every drawn image is pink: target = 0 - (-1 - 0) = 1, pred = 3 * -1 = -3 -> (−3 − 1)^2 = 16
-    assert float(esd.loss(ctx, 4, torch.Generator().manual_seed(0)).detach()) == pytest.approx(16.0)
+    assert float(esd.loss(ctx, esd.draw(ctx, 4, torch.Generator().manual_seed(0))).detach()) == pytest.approx(16.0)
 
 
 def test_esd_retain_term_hand_computed() -> None:
     ctx = fake_ctx(FakeUNet(1.0, identity=True), FakeUNet(2.0, identity=True))  # x_t = eps (alphas_cumprod = 0)
     esd = ESD(ESDConfig(xt_source="data", eta=1.0, retain_weight=1.0))
+    esd.prepare(ctx)
     # target = e_u - (e_c - e_u) = x - 4, pred = x + 2 -> 36; retain: (x + 0.3) - (x + 0.6) -> 0.09
-    assert float(esd.loss(ctx, 4, torch.Generator().manual_seed(0)).detach()) == pytest.approx(36.09)
+    assert float(esd.loss(ctx, esd.draw(ctx, 4, torch.Generator().manual_seed(0))).detach()) == pytest.approx(36.09)
 
 
 def test_esd_variant_subsets_and_only_they_change(pipe) -> None:
@@ -183,9 +185,9 @@ def test_esd_cached_targets_match_frozen_passes_and_skip_them(pipe) -> None:
     calls = []
     hook = ctx.teacher.register_forward_hook(lambda *_: calls.append(1))
     try:
-        a = cached.loss(ctx, 5, torch.Generator().manual_seed(3))
+        a = cached.loss(ctx, cached.draw(ctx, 5, torch.Generator().manual_seed(3)))
         assert not calls
-        b = live.loss(ctx, 5, torch.Generator().manual_seed(3))
+        b = live.loss(ctx, live.draw(ctx, 5, torch.Generator().manual_seed(3)))
         assert len(calls) == 1  # cond and uncond batched into one frozen forward
     finally:
         hook.remove()
@@ -221,7 +223,7 @@ def test_concept_ablation_loss_hand_computed(loss: str, prior: float, retain: fl
     ctx = fake_ctx(student, FakeUNet(2.0, identity=True))
     ca = ca_with_images(ConceptAblationConfig(loss=loss, prior_weight=prior, retain_weight=retain), ctx)
     assert ca.anchors == ["a yellow circle"]
-    value = ca.loss(ctx, 8, torch.Generator().manual_seed(3))
+    value = ca.loss(ctx, ca.draw(ctx, 8, torch.Generator().manual_seed(3)))
     assert float(value.detach()) == pytest.approx(expected, rel=1e-6)
     value.backward()
     assert student.w.grad is not None  # the concept branch is differentiable
@@ -231,17 +233,19 @@ def test_frozen_targets_hand_computed() -> None:
     student = FakeUNet(1.0, identity=True)
     ctx = fake_ctx(student, FakeUNet(2.0, identity=True))  # frozen anchor/relabel prediction: eps + 2 * 0.5
     ca = ca_with_images(ConceptAblationConfig(target_model="frozen", prior_weight=1.0), ctx)
-    assert float(ca.loss(ctx, 4, torch.Generator().manual_seed(0)).detach()) == pytest.approx((2.0 - 1.0) ** 2 + 0.5**2)
+    value = ca.loss(ctx, ca.draw(ctx, 4, torch.Generator().manual_seed(0)))
+    assert float(value.detach()) == pytest.approx((2.0 - 1.0) ** 2 + 0.5**2)
     salun = SalUn(SalUnConfig(target_model="frozen", alpha=0.0, mask_samples=4))
     salun.prepare(ctx)
-    assert float(salun.loss(ctx, 4, torch.Generator().manual_seed(0)).detach()) == pytest.approx((2.0 - 1.0) ** 2)
+    value = salun.loss(ctx, salun.draw(ctx, 4, torch.Generator().manual_seed(0)))
+    assert float(value.detach()) == pytest.approx((2.0 - 1.0) ** 2)
 
 
 def test_concept_ablation_model_target_is_stop_gradient() -> None:
     student = FakeUNet(2.0)
     ctx = fake_ctx(student, FakeUNet(1.0))
     ca = ca_with_images(ConceptAblationConfig(prior_weight=0.0), ctx)
-    ca.loss(ctx, 4, torch.Generator().manual_seed(0)).backward()
+    ca.loss(ctx, ca.draw(ctx, 4, torch.Generator().manual_seed(0))).backward()
     # L = (w*2 - sg(w*0.5))^2 -> dL/dw = 2 (2w - 0.5w) * 2 = 12 at w = 2 (not 2 (1.5w) * 1.5 = 9)
     assert float(student.w.grad) == pytest.approx(12.0)
 
@@ -261,7 +265,7 @@ def test_anchor_prompts() -> None:
     assert drop.anchor_prompts_for(["a purple circle", "a purple shape"], ["purple"]) == ["a circle", "a shape"]
     word = ConceptAblation(ConceptAblationConfig(anchor="red"))
     assert word.anchor_prompts_for(prompts, ["purple", "pink"]) == ["a red circle", "a red square", "a red triangle"]
-    explicit = ConceptAblation(ConceptAblationConfig(anchor_prompts=["a blue circle"]))
+    explicit = ConceptAblation(ConceptAblationConfig(anchor=["a blue circle"]))
     assert explicit.anchor_prompts_for(["a purple circle"], ["purple"]) == ["a blue circle"]
     with pytest.raises(BilevelError, match="one per concept prompt"):
         explicit.anchor_prompts_for(prompts, ["purple"])
@@ -337,12 +341,13 @@ def test_salun_loss_hand_computed() -> None:
     ctx = fake_ctx(student, FakeUNet(1.0))
     salun = SalUn(SalUnConfig(alpha=0.5, mask_samples=4))
     salun.prepare(ctx)
-    value = salun.loss(ctx, 6, torch.Generator().manual_seed(1))
+    value = salun.loss(ctx, salun.draw(ctx, 6, torch.Generator().manual_seed(1)))
     # forget: e(c_f) - sg e(c') = (eps + 2) - (eps + 0.5); retain: e(c_r) - eps = 0.3
     assert float(value.detach()) == pytest.approx((2.0 - 0.5) ** 2 + 0.5 * 0.3**2, rel=1e-6)
     alone = SalUn(SalUnConfig(alpha=0.0, mask_samples=4))
     alone.prepare(ctx)
-    assert float(alone.loss(ctx, 6, torch.Generator().manual_seed(1)).detach()) == pytest.approx(1.5**2, rel=1e-6)
+    value = alone.loss(ctx, alone.draw(ctx, 6, torch.Generator().manual_seed(1)))
+    assert float(value.detach()) == pytest.approx(1.5**2, rel=1e-6)
 
 
 def test_saliency_mask_is_global_top_fraction() -> None:
@@ -383,7 +388,7 @@ def test_salun_masked_weights_stay_unchanged(pipe) -> None:
     assert moved_masked == 0 and moved_kept > 0
     # the guarantee needs a weight-decay-free optimiser (the runner's and unlearn_model's AdamW use 0.0)
     opt = torch.optim.AdamW(ctx.student.parameters(), lr=1e-2, weight_decay=0.1)
-    salun.loss(ctx, 4, torch.Generator().manual_seed(9)).backward()
+    salun.loss(ctx, salun.draw(ctx, 4, torch.Generator().manual_seed(9))).backward()
     salun.before_step(ctx.student)
     opt.step()
     assert any(bool((p.detach() != before[k])[~salun.mask[k]].any()) for k, p in ctx.student.named_parameters())
@@ -431,9 +436,9 @@ def test_salun_relabel_prompts() -> None:
         "a purple circle": "a blue circle",
         "a pink square": "a blue square",
     }
-    explicit = SalUn(SalUnConfig(relabel_prompts=["a red circle", "a red square"]))
+    explicit = SalUn(SalUnConfig(relabel=["a red circle", "a red square"]))
     assert explicit.relabelled(forget, ["purple", "pink"], forget)["a pink square"] == "a red square"
-    with pytest.raises(BilevelError, match="no entry in relabel_prompts"):
+    with pytest.raises(BilevelError, match="no entry in relabel.prompts"):
         explicit.relabelled(["a purple triangle"], ["purple"], forget)
     rnd = SalUn(SalUnConfig(relabel="random"))
     assert rnd.relabelled(forget, ["purple", "pink"], forget) == {}
@@ -499,3 +504,67 @@ def test_context_gives_token_level_methods_the_teachers_tokenizer(pipe) -> None:
     ids = ctx.tokenizer(["a purple circle"])["input_ids"][0]
     assert ctx.tokenizer.convert_ids_to_tokens(ids).count("purple") == 1  # the concept is one known token
     assert ctx.tokenizer.unk_token_id not in ids
+
+
+# --------------------------------------------------------------------------------------------------- draw / loss
+SMALL = {
+    "esd-sample": lambda: ESD(ESDConfig(pool_size=4, sample_steps=2)),
+    "esd-data-retain": lambda: ESD(ESDConfig(xt_source="data", retain_weight=1.0)),
+    "ca-frozen-retain": lambda: ConceptAblation(
+        ConceptAblationConfig(num_anchor_images=4, anchor_steps=2, target_model="frozen", retain_weight=1.0)
+    ),
+    "ca-student-no-prior": lambda: ConceptAblation(
+        ConceptAblationConfig(num_anchor_images=4, anchor_steps=2, prior_weight=0.0)
+    ),
+    "salun-random-frozen": lambda: SalUn(
+        SalUnConfig(mask_samples=4, mask_batch_size=4, forget_source="data", relabel="random", target_model="frozen")
+    ),
+    "salun-student": lambda: SalUn(SalUnConfig(mask_samples=4, mask_batch_size=4, forget_source="data")),
+}
+
+
+@pytest.mark.parametrize("make", list(SMALL.values()), ids=list(SMALL))
+def test_upper_loss_is_a_function_of_one_drawn_batch(make, pipe) -> None:
+    """Solvers re-evaluate one upper batch: loss(batch) draws nothing, so the same batch gives the same value."""
+    ctx = tiny_ctx(pipe)
+    unlearner = make()
+    unlearner.prepare(ctx)
+    batch = unlearner.draw(ctx, 4, torch.Generator().manual_seed(5))
+    first = unlearner.loss(ctx, batch)
+    assert torch.equal(unlearner.loss(ctx, batch), first)
+    assert torch.equal(unlearner.loss(ctx, unlearner.draw(ctx, 4, torch.Generator().manual_seed(5))), first)
+    assert not torch.equal(unlearner.loss(ctx, unlearner.draw(ctx, 4, torch.Generator().manual_seed(6))), first)
+
+
+@pytest.mark.parametrize("cls", [ESD, ConceptAblation, SalUn])
+def test_using_an_unlearner_before_prepare_is_one_clear_error(cls, pipe) -> None:
+    ctx = tiny_ctx(pipe)
+    unlearner = cls()
+    calls = {
+        "draw": lambda: unlearner.draw(ctx, 2, torch.Generator().manual_seed(0)),
+        "loss": lambda: unlearner.loss(ctx, None),
+        "before_step": lambda: unlearner.before_step(ctx.student),
+    }
+    for what, call in calls.items():
+        if what not in vars(cls):  # the base class's no-op before_step needs nothing prepared
+            continue
+        with pytest.raises(RuntimeError, match=rf"unlearner '{cls.name}': prepare\(ctx\) must run before {what}\(\)"):
+            call()
+
+
+def test_an_unlearner_without_prepare_needs_none() -> None:
+    from bilevel.core.interfaces import Unlearner
+
+    class Plain(Unlearner):
+        name = "plain"
+        api_version = 2
+
+        def draw(self, ctx, batch_size, generator):
+            return torch.randn(batch_size, generator=generator)
+
+        def loss(self, ctx, batch):
+            return batch.pow(2).mean()
+
+    plain = Plain()
+    batch = plain.draw(None, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(plain.loss(None, batch), batch.pow(2).mean())

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 
 from .errors import BilevelError
-from .interfaces import BilevelProblem, Unlearner
+from .interfaces import BilevelProblem, BilevelSolver, Unlearner
 from .io import atomic_save_tensors, atomic_write_text, load_tensors, read_format_json
 from .lower_level import DrawCounter
+from .precision import load_loss_scaler_state, loss_scaler_state
 from .training import TrainState
 
 STATE = "state.json"
@@ -37,7 +38,7 @@ class ArmState:
     """What the runner rebuilds around a problem to continue one arm: counters named 'lower' and 'upper'."""
 
     problem: BilevelProblem
-    solver: Any  # BilevelSolver or the runner's lower-/upper-only stand-ins
+    solver: BilevelSolver  # a registered solver, or interfaces.LowerOnly / UpperOnly for the baselines
     unlearner: Unlearner | None
     counters: dict[str, DrawCounter]
 
@@ -58,10 +59,12 @@ def save_checkpoint(folder: Path, arm: ArmState, state: TrainState, steps: int) 
             "upper_optimizer": p.upper_optimizer.state_dict(),
             "lower_scheduler": p.lower_scheduler.state_dict() if p.lower_scheduler is not None else None,
             "upper_scheduler": p.upper_scheduler.state_dict() if p.upper_scheduler is not None else None,
+            "lower_loss_scaler": loss_scaler_state(p.lower_optimizer),  # fp16: None otherwise
+            "upper_loss_scaler": loss_scaler_state(p.upper_optimizer),
         },
         target / OPTIM,
     )
-    solver_tensors, solver_json = _flatten(_solver_state(arm.solver))
+    solver_tensors, solver_json = _flatten(arm.solver.state_dict())
     atomic_save_tensors(solver_tensors, target / SOLVER)
     atomic_save_tensors(arm.unlearner.state_dict() if arm.unlearner is not None else {}, target / UNLEARNER)
     atomic_save_tensors(_rng_state(), target / RNG)
@@ -121,17 +124,14 @@ def load_checkpoint(folder: Path, arm: ArmState, steps: int) -> TrainState | Non
     for key, scheduler in (("lower_scheduler", p.lower_scheduler), ("upper_scheduler", p.upper_scheduler)):
         if scheduler is not None and optim.get(key) is not None:
             scheduler.load_state_dict(optim[key])
-    if hasattr(arm.solver, "load_state_dict"):
-        arm.solver.load_state_dict(_unflatten(load_tensors(ckpt / SOLVER), meta.get("solver", {})))
+    for key, opt in (("lower_loss_scaler", p.lower_optimizer), ("upper_loss_scaler", p.upper_optimizer)):
+        if key in optim:  # absent from checkpoints written before the scale was saved
+            load_loss_scaler_state(opt, optim[key])
+    arm.solver.load_state_dict(_unflatten(load_tensors(ckpt / SOLVER), meta.get("solver", {})))
     for k, c in arm.counters.items():
         c.count = int(meta["counters"][k])
     _set_rng_state(load_tensors(ckpt / RNG))
     return TrainState.from_json(meta)
-
-
-def _solver_state(solver: Any) -> dict[str, Any]:
-    """The runner's lower-/upper-only stand-ins have no state."""
-    return solver.state_dict() if hasattr(solver, "state_dict") else {}
 
 
 def _flatten(state: dict[str, Any], prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

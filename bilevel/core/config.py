@@ -40,6 +40,14 @@ class SolverChoice(PluginChoice):
     name: str = "alternating"
 
 
+class WorldChoice(Section):
+    """Which world serves the model: None resolves it from model.source (each registered world is asked whether it
+    serves the source); a name picks one explicitly (`--world NAME`)."""
+
+    name: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict, description="validated by the world plugin's own Config")
+
+
 class ModelConfig(Section):
     """Which teacher: 'tiny' (the shipped tiny-world teacher), a local diffusers pipeline folder (tiny or Stable
     Diffusion) or a Hugging Face Hub id of a Stable Diffusion pipeline."""
@@ -106,11 +114,18 @@ class DataConfig(Section):
 
 
 class LossWeights(Section):
-    """Lower-level KD loss weights (paper's released code: 1 / 2 / 0.1)."""
+    """Lower-level KD loss weights (paper's released code: 1 / 2 / 0.1) and the task loss's min-SNR weighting."""
 
     task: float = Field(1.0, ge=0)
     output: float = Field(2.0, ge=0)
     feature: float = Field(0.1, ge=0)
+    snr_gamma: float | None = Field(
+        None,
+        gt=0,
+        description="min-SNR-gamma weighting of the diffusion (task) loss per sample, as diffusers' --snr_gamma "
+        "(the paper's released code: 5); None = off. Epsilon: min(snr, gamma)/snr, "
+        "v-prediction: min(snr, gamma)/(snr+1)",
+    )
 
 
 class TrainingConfig(Section):
@@ -156,6 +171,7 @@ class RunConfig(Section):
 
     version: int = CONFIG_VERSION
     model: ModelConfig = Field(default_factory=ModelConfig)
+    world: WorldChoice = Field(default_factory=WorldChoice)
     data: DataConfig = Field(default_factory=DataConfig)
     concepts: list[str] = Field(default_factory=lambda: ["purple"])
     pruner: PrunerChoice = Field(default_factory=PrunerChoice)

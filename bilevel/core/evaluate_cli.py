@@ -1,35 +1,42 @@
-"""`bilevel eval`: evaluate the tiny teacher, a pipeline folder or a saved student on the tiny world."""
+"""`bilevel eval`: evaluate any model a run accepts (tiny, a pipeline folder, a hub id, a student or an exported
+pipeline) on its world: concept rates, retained accuracy, collateral, quality distance, params, MACs, latency."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from .config import RunConfig
 from .modelinfo import model_stats
-from .models import load_model
+from .models import ModelRef, load_unet
 from .report import console, image_grid, results_table, write_json
-from .tinyworld.evaluation import evaluate_tiny
-from .tinyworld.world import TinyWorld
+from .worlds import build_world
 
 
-def evaluate_model(
-    model: str, concepts: list[str], samples: int, steps: int, guidance: float, seed: int, out: Path | None
-) -> dict:
-    pipe, unet, _ = load_model(model)
-    world = TinyWorld.build(pipe, concepts, finetune_size=max(512, samples * 8), concept_size=64, seed=0)
-    result = evaluate_tiny(unet, world, samples_per_colour=samples, steps=steps, guidance=guidance, seed=seed)
-    stats = model_stats(unet)
-    row = {"model": model, **stats.to_json(), **result.metrics}
+def evaluate_model(ref: ModelRef, config: RunConfig, out: Path | None, label: str | None = None) -> dict:
+    """config: the world's settings and config.evaluation (samples, DDIM steps, guidance, seed); model.source is
+    the pipeline the world is built from (the student, if any, replaces its UNet)."""
+    world = build_world(config, "eval")
+    unet, _ = load_unet(ref, world.teacher, config.model.device)
+    result = world.evaluate(unet, config.evaluation)
+    stats = model_stats(unet, repeats=config.evaluation.latency_repeats)
+    name = label or str(ref.student or ref.pipeline)
+    row = {"model": name, **stats.to_json(), **result.metrics}
     columns = [("model", "model"), ("params", "params"), ("macs", "MACs"), ("latency_ms", "latency ms")]
-    columns += [(f"concept_rate/{c}", f"{c} rate") for c in concepts]
-    columns += [("retained_accuracy", "retained acc"), ("collateral", "collateral"), ("swd", "SWD")]
-    console.print(results_table("evaluation", [row], columns))
-    console.print("per colour: " + ", ".join(f"{c} {v:.2f}" for c, v in result.per_colour.items()))
+    columns += [(f"concept_rate/{c}", f"{c} rate") for c in config.concepts]
+    columns += [("retained_accuracy", "retained acc"), ("collateral", "collateral")]
+    columns += [("quality_distance", world.quality_metric.upper()), ("clip_score", "CLIP")]
+    console.print(results_table(f"evaluation ({world.name} world)", [row], [c for c in columns if row.get(c[0]) is not None]))
+    console.print("rendered as asked: " + ", ".join(f"{g} {v:.2f}" for g, v in result.per_group.items()))
+    ev = config.evaluation
     report = {
-        "model": model,
-        "concepts": concepts,
-        "sampler": {"name": "DDIM", "steps": steps, "guidance": guidance, "seed": seed, "samples_per_colour": samples},
+        "model": name,
+        "pipeline": ref.pipeline,
+        "world": world.name,
+        "concepts": list(config.concepts),
+        "sampler": {"name": "DDIM", "steps": ev.steps, "guidance": ev.guidance, "seed": ev.seed,
+                    "samples_per_group": ev.samples_per_prompt},  # fmt: skip
         **row,
-        "per_colour": result.per_colour,
+        "per_group": result.per_group,
     }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

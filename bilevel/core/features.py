@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Self
 
 import torch
 from torch import nn
@@ -39,15 +40,21 @@ def sd_block_names(unet: nn.Module) -> list[str]:
 
 
 class FeatureTap:
-    """Collects outputs of named submodules during forward passes; `clear()` between passes."""
+    """Collects outputs of named submodules during forward passes, as a context manager.
+
+    Hooks exist only inside `with tap:`; leaving the block removes them and drops the stored outputs, so a tap on
+    the shared (frozen) teacher never outlives its use nor pins the last batch's features (large at SD scale).
+    Copy `outputs` inside the block to keep them.
+    """
 
     def __init__(self, model: nn.Module, names: list[str]) -> None:
         modules = dict(model.named_modules())
         missing = [n for n in names if n not in modules]
         if missing:
             raise ValueError(f"feature modules not found in model: {missing}")
+        self._modules = [(n, modules[n]) for n in names]
         self.outputs: dict[str, torch.Tensor] = {}
-        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _hook(self, name: str):
         def hook(_module: nn.Module, _inputs, output) -> None:
@@ -55,10 +62,15 @@ class FeatureTap:
 
         return hook
 
-    def clear(self) -> None:
+    def __enter__(self) -> Self:
+        if self._handles:
+            raise RuntimeError("FeatureTap is already active; it cannot be entered twice")
         self.outputs = {}
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self._modules]
+        return self
 
-    def remove(self) -> None:
+    def __exit__(self, *exc: object) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self.outputs = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,8 +18,7 @@ from torch import nn
 from .distributed import average_
 from .errors import BilevelError
 from .interfaces import BilevelProblem
-
-COUPLINGS = ("shared", "proximal", "split")
+from .steps import optimizer_step
 
 
 @contextlib.contextmanager
@@ -64,14 +63,6 @@ def swap_data(params: Sequence[nn.Parameter], tensors: Sequence[torch.Tensor]) -
             p.data = d
 
 
-def check_coupling(solver_name: str, coupling: str, supported: frozenset[str]) -> None:
-    """Same rule as the runner, for solvers used directly (tests, notebooks)."""
-    if coupling not in supported:
-        raise BilevelError(
-            f"solver {solver_name!r} does not support coupling {coupling!r}; supported: {', '.join(sorted(supported))}"
-        )
-
-
 def split_names(problem: BilevelProblem) -> tuple[list[str], list[str]]:
     """Upper and lower parameter names for the split coupling; they must be disjoint and non-empty."""
     lower_ids = {id(p) for p in problem.lower_params.values()}
@@ -112,25 +103,6 @@ def set_parameters(params: Sequence[nn.Parameter], values: Sequence[torch.Tensor
         for p, v in zip(params, values):
             p.copy_(v)
     average_(list(params))
-
-
-def apply_gradients(
-    params: Sequence[nn.Parameter],
-    grads: Sequence[torch.Tensor | None],
-    optimizer: torch.optim.Optimizer,
-    before_step: Callable[[], None] | None = None,
-    scheduler: Any = None,
-) -> None:
-    """One optimiser step with the given gradients (detached), clearing them afterwards like core.steps."""
-    for p, g in zip(params, grads):
-        p.grad = None if g is None else g.detach()
-    if before_step is not None:
-        before_step()
-    optimizer.step()
-    for p in params:
-        p.grad = None
-    if scheduler is not None:
-        scheduler.step()
 
 
 def batch_head(batch: Any, n: int) -> Any:
@@ -253,15 +225,14 @@ class Coupled:
 
     def upper_step(self, problem: BilevelProblem, grads: Sequence[torch.Tensor]) -> None:
         """Step the upper variable with the problem's upper optimiser (anchors in the proximal coupling)."""
+        step = lambda: optimizer_step(
+            self.upper, grads, problem.upper_optimizer, problem.before_upper_step, problem.upper_scheduler
+        )
         if self.coupling == "proximal":
             with swap_data(self.upper, self.anchors):
-                apply_gradients(
-                    self.upper, grads, problem.upper_optimizer, problem.before_upper_step, problem.upper_scheduler
-                )
+                step()
         else:
-            apply_gradients(
-                self.upper, grads, problem.upper_optimizer, problem.before_upper_step, problem.upper_scheduler
-            )
+            step()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: a.detach().clone() for n, a in zip(self.upper_names, self.anchors)}

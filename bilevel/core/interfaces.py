@@ -7,34 +7,43 @@ and only the parameters a plugin names are trained by the level it serves.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .. import PLUGIN_API_VERSION
 from .features import FeaturePair
 
 
-class NoOptions(BaseModel):
-    """Config for a plugin without options."""
+class PluginConfig(BaseModel):
+    """Base of every plugin's `Config`: unknown options are refused, so a misspelt option is a one-line error
+    instead of a silent default."""
 
     model_config = ConfigDict(extra="forbid")
 
 
+class NoOptions(PluginConfig):
+    """Config for a plugin without options."""
+
+
 class Plugin(ABC):
-    """Common to all plugin kinds: a registered name, a config model and the API version it targets."""
+    """Common to all plugin kinds: a registered name, a config model and the API version it targets.
+
+    `api_version` has no default on purpose: each registered class declares the `bilevel.PLUGIN_API_VERSION` it was
+    written against, so a plugin for another version is refused at registration instead of failing mid-run.
+    """
 
     kind: ClassVar[str] = ""
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    Config: ClassVar[type[BaseModel]] = NoOptions
-    api_version: ClassVar[int] = PLUGIN_API_VERSION
+    Config: ClassVar[type[PluginConfig]] = NoOptions
+    api_version: ClassVar[int]
 
     def __init__(self, config: BaseModel | None = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -95,10 +104,49 @@ class UnlearnContext:
     seed: int = 0
     clamp_samples: bool = True  # teacher samples are pixels in [-1, 1] (clamp); False for latent-space worlds
     tokenizer: Any = None  # the teacher's tokenizer (transformers), for token-level methods (e.g. a concept's tokens)
+    #: pixels in [-1, 1] (N, C, H, W) -> x0 in the sample space (identity in pixel space, the VAE on SD): for
+    #: unlearners that read image folders (e.g. Concept Ablation's anchors)
+    encode_images: Callable[[torch.Tensor], torch.Tensor] | None = None
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) of such images in pixels
+
+
+def _marks_prepared(prepare: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(prepare)
+    def wrapper(self: Unlearner, *args: Any, **kwargs: Any) -> None:
+        prepare(self, *args, **kwargs)
+        self._prepared = True
+
+    return wrapper
+
+
+def _needs_prepare(method: Callable[..., Any], what: str) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def wrapper(self: Unlearner, *args: Any, **kwargs: Any) -> Any:
+        if not getattr(self, "_prepared", False) and type(self).prepare is not Unlearner.prepare:
+            raise RuntimeError(f"unlearner {self.name!r}: prepare(ctx) must run before {what}()")
+        return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class Unlearner(Plugin):
+    """The upper level: `draw` a concept batch (all randomness and frozen-teacher work), then `loss(ctx, batch)`.
+
+    The split lets solvers evaluate the loss several times on one batch (at other parameters); `loss` must draw
+    nothing. Lifecycle: when a subclass overrides `prepare`, calling `draw`, `loss` or `before_step` before it is
+    an error raised here, once for every unlearner.
+    """
+
     kind: ClassVar[str] = "unlearner"
+    _LIFECYCLE: ClassVar[tuple[str, ...]] = ("draw", "loss", "before_step")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "prepare" in cls.__dict__:
+            cls.prepare = _marks_prepared(cls.__dict__["prepare"])  # type: ignore[method-assign]
+        for what in cls._LIFECYCLE:
+            if what in cls.__dict__:
+                setattr(cls, what, _needs_prepare(cls.__dict__[what], what))
 
     def prepare(self, ctx: UnlearnContext) -> None:
         """One-off work before training (masks, anchor images). Default: nothing."""
@@ -108,8 +156,14 @@ class Unlearner(Plugin):
         return dict(student.named_parameters())
 
     @abstractmethod
-    def loss(self, ctx: UnlearnContext, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        """The upper-level (forgetting) loss on a freshly drawn concept batch, differentiable in the student."""
+    def draw(self, ctx: UnlearnContext, batch_size: int, generator: torch.Generator) -> Any:
+        """A concept batch drawn with `generator` only (deterministic by seed); frozen-teacher targets belong here,
+        so they are computed once per batch however often the solver evaluates it."""
+
+    @abstractmethod
+    def loss(self, ctx: UnlearnContext, batch: Any) -> torch.Tensor:
+        """The upper-level (forgetting) loss on a drawn batch, differentiable in the student; it draws nothing, so
+        the same batch at the same parameters gives the same value."""
 
     def before_step(self, student: nn.Module) -> None:
         """Called after backward and before the upper optimiser step (e.g. to mask gradients)."""
@@ -139,8 +193,8 @@ class Objective:
 class BilevelProblem:
     """min_upper F s.t. lower in argmin G, over one model's parameters.
 
-    coupling: 'shared' (both levels train the same tensors), 'proximal' (lower regularised towards the upper
-    variable) or 'split' (disjoint subsets). Each optimiser already holds its level's parameters.
+    Each optimiser already holds its level's parameters, partitioned for the solver's coupling (its config's
+    `coupling`, the one place it is chosen: 'split' gives the lower level the complement of the upper set).
     """
 
     model: nn.Module
@@ -150,15 +204,49 @@ class BilevelProblem:
     upper_params: dict[str, nn.Parameter]
     lower_optimizer: torch.optim.Optimizer
     upper_optimizer: torch.optim.Optimizer
-    coupling: str = "shared"
     before_upper_step: Callable[[], None] | None = None
     lower_scheduler: Any = None
     upper_scheduler: Any = None
 
 
+#: shared: both levels train the same tensors; proximal: the lower level is pulled towards a separate upper
+#: variable; split: disjoint subsets.
+Coupling = Literal["shared", "proximal", "split"]
+
+
+class SolverConfig(PluginConfig):
+    """Base of every solver's `Config`. `coupling` is the run's one coupling setting: a solver narrows the Literal to
+    the couplings it supports (its `couplings` are read from it), so an unsupported value fails config validation."""
+
+    coupling: Literal["shared"] = Field("shared", description="shared: both levels train the same tensors")
+
+
+def _literal_couplings(config: type[BaseModel]) -> frozenset[str]:
+    field_info = config.model_fields.get("coupling")
+    if field_info is None:
+        raise TypeError(f"{config.__name__} has no `coupling` field; subclass bilevel.core.interfaces.SolverConfig")
+    annotation = field_info.annotation
+    if get_origin(annotation) is not Literal or not set(get_args(annotation)) <= set(get_args(Coupling)):
+        raise TypeError(f"{config.__name__}.coupling must be a Literal of {', '.join(get_args(Coupling))}")
+    return frozenset(get_args(annotation))
+
+
 class BilevelSolver(Plugin):
+    """One outer step of a bilevel method. `couplings` is derived from `Config.coupling`'s Literal, never declared."""
+
     kind: ClassVar[str] = "solver"
+    Config: ClassVar[type[SolverConfig]] = SolverConfig
     couplings: ClassVar[frozenset[str]] = frozenset({"shared"})
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if isinstance(cls.Config, type) and issubclass(cls.Config, SolverConfig):  # others: refused at registration
+            cls.couplings = _literal_couplings(cls.Config)
+
+    @property
+    def coupling(self) -> str:
+        """The coupling this solver runs (its config's, validated against `couplings`)."""
+        return self.config.coupling
 
     def setup(self, problem: BilevelProblem) -> None:
         """Called once before the first step. Default: nothing."""
@@ -172,6 +260,32 @@ class BilevelSolver(Plugin):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what state_dict returned."""
+
+
+class LowerOnly(BilevelSolver):
+    """The baselines' solver (DDPM-only or KD-only fine-tuning): lower-level steps only. Not registered."""
+
+    name = "lower-only"
+    description = "Lower-level steps only."
+    api_version = 2
+
+    def step(self, problem: BilevelProblem, step: int) -> dict[str, float]:
+        from .steps import lower_step
+
+        return {"lower_loss": lower_step(problem)}
+
+
+class UpperOnly(BilevelSolver):
+    """The two-stage baseline's erase stage: upper-level (unlearning) steps only. Not registered."""
+
+    name = "upper-only"
+    description = "Upper-level steps only."
+    api_version = 2
+
+    def step(self, problem: BilevelProblem, step: int) -> dict[str, float]:
+        from .steps import upper_step
+
+        return {"upper_loss": upper_step(problem)}
 
 
 PLUGIN_BASES: dict[str, type[Plugin]] = {"pruner": Pruner, "unlearner": Unlearner, "solver": BilevelSolver}

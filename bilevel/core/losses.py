@@ -18,8 +18,27 @@ class KDTargets:
     features: dict[str, torch.Tensor]
 
 
-def ddpm_loss(pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(pred, noise)
+def ddpm_loss(pred: torch.Tensor, noise: torch.Tensor, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error; with sample_weights (B,), each sample's mean error is weighted, then the batch averaged
+    (diffusers' min-SNR reduction). None keeps the plain MSE, bit for bit."""
+    if sample_weights is None:
+        return F.mse_loss(pred, noise)
+    per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=list(range(1, pred.dim())))
+    return (per_sample * sample_weights.to(per_sample.device, per_sample.dtype)).mean()
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) per sample, as diffusers' training scripts' `--snr_gamma`:
+    snr = alpha_bar / (1 - alpha_bar) at t; epsilon: min(snr, gamma) / snr; v_prediction: min(snr, gamma) / (snr + 1).
+    Where snr is 0 (zero-terminal-SNR schedules) the epsilon weight takes its limit, 1, instead of 0/0."""
+    a = alphas_cumprod.to(t.device)[t].float()
+    snr = (a**0.5 / (1.0 - a) ** 0.5) ** 2  # diffusers.training_utils.compute_snr
+    clipped = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    if prediction_type == "epsilon":
+        return torch.where(snr > 0, clipped / snr, torch.ones_like(snr))
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}; supported: {', '.join(PREDICTION_TYPES)}")
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -68,9 +87,11 @@ def kd_loss(
     w_task: float,
     w_out: float,
     w_feat: float,
+    task_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total lower loss and its parts (as floats, for logging)."""
-    parts: dict[str, torch.Tensor] = {"task": ddpm_loss(student_eps, noise)}
+    """Total lower loss and its parts (as floats, for logging); task_weights (B,): per-sample weights of the task
+    loss only (min-SNR), the KD terms stay unweighted."""
+    parts: dict[str, torch.Tensor] = {"task": ddpm_loss(student_eps, noise, task_weights)}
     total = w_task * parts["task"]
     if targets is not None and w_out > 0:
         parts["out_kd"] = output_kd_loss(student_eps, targets.eps)

@@ -6,6 +6,7 @@ several times pay for the teacher once; DDPM-only training skips the teacher ent
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 from .config import LossWeights
 from .features import FeaturePair, FeatureTap
 from .interfaces import Objective
-from .losses import KDTargets, kd_loss, task_target
+from .losses import KDTargets, kd_loss, min_snr_weights, task_target
 
 
 @dataclass
@@ -24,6 +25,7 @@ class LowerBatch:
     cond: torch.Tensor
     noise: torch.Tensor  # the task-loss target: eps, or v for v-prediction models
     targets: KDTargets | None
+    task_weights: torch.Tensor | None = None  # per-sample min-SNR weights of the task loss (None: off)
 
 
 class DrawCounter:
@@ -80,21 +82,22 @@ def make_lower_objective(
             x0, noise, a, xt, t, cond = x0[part], noise[part], a[part], xt[part], t[part], cond[part]
         targets = None
         if use_teacher:
-            with torch.no_grad():
-                if teacher_tap:
-                    teacher_tap.clear()
+            with torch.no_grad(), teacher_tap or contextlib.nullcontext():  # hooks only for this one pass
                 eps_t = teacher(xt, t, encoder_hidden_states=cond).sample
                 feats = dict(teacher_tap.outputs) if teacher_tap else {}
             targets = KDTargets(eps=eps_t, features=feats)
-        return LowerBatch(xt, t, cond, task_target(x0, noise, a, prediction_type), targets)
+        snr_w = None
+        if weights.snr_gamma is not None:
+            snr_w = min_snr_weights(alphas_cumprod, t, weights.snr_gamma, prediction_type)
+        return LowerBatch(xt, t, cond, task_target(x0, noise, a, prediction_type), targets, snr_w)
 
     def loss(batch: LowerBatch) -> torch.Tensor:
-        if student_tap:
-            student_tap.clear()
-        eps_s = student(batch.xt, batch.t, encoder_hidden_states=batch.cond).sample
+        with student_tap or contextlib.nullcontext():  # hooks only for this one pass
+            eps_s = student(batch.xt, batch.t, encoder_hidden_states=batch.cond).sample
+            student_feats = dict(student_tap.outputs) if student_tap else {}
         total, parts = kd_loss(
-            eps_s, batch.noise, batch.targets, student_tap.outputs if student_tap else {}, feat_pairs,
-            weights.task, weights.output, weights.feature,
+            eps_s, batch.noise, batch.targets, student_feats, feat_pairs,
+            weights.task, weights.output, weights.feature, batch.task_weights,
         )  # fmt: skip
         loss.last_parts = parts  # type: ignore[attr-defined]
         return total

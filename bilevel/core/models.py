@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,10 @@ def load_tiny_pipeline(source: str = "tiny", device: str = "cpu"):
     previous = logging.root.manager.disable
     logging.disable(logging.ERROR)  # diffusers logs a missing weights file at ERROR before raising: one line only
     try:
-        pipe = TinyTextToImagePipeline.from_pretrained(str(path), use_safetensors=True, local_files_only=True)
+        parts = exported_student_unet(path, device)  # a channel-pruned student exported into the pipeline
+        pipe = TinyTextToImagePipeline.from_pretrained(
+            str(path), use_safetensors=True, local_files_only=True, **parts
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         raise BilevelError(f"cannot load pipeline from {path}: {str(exc).splitlines()[0]}") from None
     finally:
@@ -57,6 +61,59 @@ def load_tiny_pipeline(source: str = "tiny", device: str = "cpu"):
     pipe.unet.eval().requires_grad_(False)
     pipe.text_encoder.eval().requires_grad_(False)
     return pipe.to(device)
+
+
+def exported_student_unet(pipeline_folder: Path, device: str = "cpu") -> dict[str, Any]:
+    """{'unet': student} when the pipeline's unet/ holds a bilevel student (safetensors + manifest, written by
+    `bilevel export` for a channel-pruned student, which no stock config describes); else {}."""
+    from .student_io import MANIFEST, load_student
+
+    folder = Path(pipeline_folder) / "unet"
+    if not (folder / MANIFEST).is_file():
+        return {}
+    unet, _ = load_student(folder, device)
+    return {"unet": unet.requires_grad_(False)}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a command's MODEL argument names: the pipeline a world is built from, and optionally a student folder
+    whose UNet stands in for the pipeline's."""
+
+    pipeline: str
+    student: Path | None = None
+
+
+def absolute_source(source: str) -> str:
+    """A local folder as an absolute path (so a manifest still finds it from elsewhere); names and hub ids as given."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if source != "tiny" and path.exists() else source
+
+
+def resolve_model_ref(model: str, pipeline: str | None = None) -> ModelRef:
+    """'tiny', a pipeline folder or hub id -> that pipeline; a student folder (manifest.json) -> the student with
+    the pipeline it was pruned from (recorded in its manifest; `pipeline` overrides; 'tiny' for old students)."""
+    from .student_io import MANIFEST, read_manifest
+
+    path = Path(model).expanduser()
+    if model != "tiny" and path.is_dir() and (path / MANIFEST).is_file():
+        manifest = read_manifest(path)  # one-line error for a foreign or corrupt manifest
+        return ModelRef(pipeline or str(manifest.get("teacher") or "tiny"), path)
+    if model != "tiny" and path.is_dir() and not (path / "model_index.json").is_file():
+        raise BilevelError(f"{path} is neither a pipeline folder (model_index.json) nor a student folder ({MANIFEST})")
+    if pipeline is not None:
+        raise BilevelError(f"--pipeline applies to a student folder; {model!r} is a model of its own")
+    return ModelRef(model)
+
+
+def load_unet(ref: ModelRef, world_teacher: Any, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """(the UNet a command works on, manifest extras to carry over): the student's, or the world's teacher."""
+    from .student_io import load_student
+
+    if ref.student is None:
+        return world_teacher, {}
+    unet, manifest = load_student(ref.student, device)
+    return unet, {k: v for k, v in manifest.items() if k not in STRUCTURE_KEYS}
 
 
 def quiet_hub_libraries() -> None:
@@ -68,26 +125,3 @@ def quiet_hub_libraries() -> None:
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-
-
-def load_model(model: str, pipeline: str = "tiny", device: str = "cpu") -> tuple[Any, Any, dict[str, Any]]:
-    """(pipeline for text encoder/scheduler, UNet, manifest extras to carry over) for the tiny world.
-
-    `model`: 'tiny', a pipeline folder (model_index.json) or a student folder (manifest.json); a student is paired
-    with `pipeline`'s text encoder and scheduler.
-    """
-    from .student_io import MANIFEST, load_student, read_manifest
-
-    path = Path(model).expanduser()
-    if model != "tiny" and path.is_dir() and (path / MANIFEST).is_file():
-        read_manifest(path)  # one-line error for a foreign or corrupt manifest
-        unet, manifest = load_student(path, device)
-        pipe = load_tiny_pipeline(pipeline, device)
-        extras = {k: v for k, v in manifest.items() if k not in STRUCTURE_KEYS}
-        return pipe, unet, extras
-    if model != "tiny" and not path.exists():
-        raise BilevelError(f"model {model!r} not found; accepted: 'tiny', a pipeline folder or a student folder")
-    if model != "tiny" and path.is_dir() and not (path / "model_index.json").is_file():
-        raise BilevelError(f"{path} is neither a pipeline folder (model_index.json) nor a student folder ({MANIFEST})")
-    pipe = load_tiny_pipeline(model, device)
-    return pipe, pipe.unet, {}

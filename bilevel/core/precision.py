@@ -47,10 +47,27 @@ _SCALER = "_bilevel_loss_scaler"
 
 
 def attach_loss_scaler(optimizer: torch.optim.Optimizer, device: torch.device | str) -> None:
-    """fp16 only: dynamic loss scaling (torch's GradScaler) for the steps `steps.gradient_step` makes, so small
+    """fp16 only: dynamic loss scaling (torch's GradScaler) for every step `steps.optimizer_step` makes, so small
     gradients do not underflow to zero; bf16 has fp32's exponent range and needs none."""
     setattr(optimizer, _SCALER, torch.amp.GradScaler(torch.device(device).type))
 
 
 def loss_scaler(optimizer: torch.optim.Optimizer) -> torch.amp.GradScaler | None:
     return getattr(optimizer, _SCALER, None)
+
+
+def loss_scaler_state(optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """The scale and its growth tracker (None without a scaler), checkpointed so that a resumed fp16 run scales,
+    skips and grows exactly as the uninterrupted one would."""
+    scaler = loss_scaler(optimizer)
+    return scaler.state_dict() if scaler is not None else None
+
+
+def load_loss_scaler_state(optimizer: torch.optim.Optimizer, state: dict[str, Any] | None) -> None:
+    """Restore what loss_scaler_state returned; a mismatch (fp16 now but not then, or the reverse) is an error."""
+    scaler = loss_scaler(optimizer)
+    if (scaler is None) != (state is None):
+        then, now = ("fp16" if state is not None else "not fp16"), ("fp16" if scaler is not None else "not fp16")
+        raise BilevelError(f"checkpoint was written {then} but this run is {now}; resume with the run's own config")
+    if scaler is not None:
+        scaler.load_state_dict(state)

@@ -1,5 +1,5 @@
 """Builds each arm's BilevelProblem: the KD lower level, the unlearner's upper level, the parameter partition
-(coupling), optimisers and schedules, plus the baselines' one-level 'solvers'."""
+(coupling), optimisers and schedules."""
 
 from __future__ import annotations
 
@@ -13,16 +13,19 @@ from .config import LossWeights, RunConfig
 from .distributed import average_gradients_before_step, main_first, processes, shard
 from .errors import BilevelError
 from .features import FeaturePair
-from .interfaces import BilevelProblem, Objective, UnlearnContext, Unlearner
+from .interfaces import BilevelProblem, Coupling, Objective, UnlearnContext, Unlearner
 from .losses import prediction_type
 from .lower_level import DrawCounter, make_lower_objective
 from .precision import attach_loss_scaler, under_autocast
-from .steps import gradient_step, lower_step
 from .training import warmup_schedule
+from .world import World
 
 
-def unlearn_context(student: nn.Module, reference: nn.Module, world, run_dir: Path | None, seed: int) -> UnlearnContext:
+def unlearn_context(
+    student: nn.Module, reference: nn.Module, world: World, run_dir: Path | None, seed: int
+) -> UnlearnContext:
     """Everything an unlearner may use; `reference` is the frozen model its targets come from."""
+    has_retain = len(world.finetune) > 0
     return UnlearnContext(
         student=student,
         teacher=reference,
@@ -32,16 +35,18 @@ def unlearn_context(student: nn.Module, reference: nn.Module, world, run_dir: Pa
         encode=world.bank,
         concept_images=world.concept_data.images,
         concept_image_prompts=world.concept_data.prompts,
-        retain_images=world.finetune.images,
-        retain_image_prompts=world.finetune.prompts,
+        retain_images=world.finetune.images if has_retain else None,
+        retain_image_prompts=world.finetune.prompts if has_retain else None,
         alphas_cumprod=world.alphas_cumprod,
         scheduler_config=world.scheduler_config,
         sample_shape=world.sample_shape,
         run_dir=run_dir,
         device=world.device,
         seed=seed,
-        clamp_samples=getattr(world, "clamp_samples", True),
-        tokenizer=getattr(world, "tokenizer", None),
+        clamp_samples=world.clamp_samples,
+        tokenizer=world.tokenizer,
+        encode_images=world.encode_images,
+        image_shape=world.image_shape,
     )
 
 
@@ -52,7 +57,7 @@ def build_problem(
     weights: LossWeights,
     pairs: list[FeaturePair],
     unlearner: Unlearner | None,
-    coupling: str = "shared",
+    coupling: Coupling = "shared",
     run_dir: Path | None = None,
     counters: dict[str, DrawCounter] | None = None,
 ) -> BilevelProblem:
@@ -90,13 +95,16 @@ def build_problem(
         with main_first():  # rank 0 writes the unlearner's caches in run_dir, the other processes then read them
             under_autocast(unlearner.prepare, mc.mixed_precision, world.device)(ctx)
         counter = counters["upper"]
+        upper_draw = under_autocast(unlearner.draw, mc.mixed_precision, world.device)
         upper_loss = under_autocast(unlearner.loss, mc.mixed_precision, world.device)
         upper_part, rank = shard(tc.upper_batch_size, "training.upper_batch_size"), processes().rank
         upper_batch = tc.upper_batch_size if upper_part is None else upper_part.stop - upper_part.start
         # data-parallel: each process draws its own share of the upper batch from its own stream (an unlearner
         # samples its batch itself, so it cannot be sliced like the lower one)
-        upper_draw = counter.next if upper_part is None else lambda: counter.next(stream=rank)
-        upper = Objective(draw=upper_draw, loss=lambda gen: upper_loss(ctx, upper_batch, gen))
+        next_generator = counter.next if upper_part is None else lambda: counter.next(stream=rank)
+        upper = Objective(
+            draw=lambda: upper_draw(ctx, upper_batch, next_generator()), loss=lambda batch: upper_loss(ctx, batch)
+        )
         upper_params = unlearner.trainable_parameters(student)
         if not upper_params:
             raise BilevelError(f"unlearner {unlearner.name!r} selected no trainable parameters in this student")
@@ -121,7 +129,6 @@ def build_problem(
         upper_params=upper_params,
         lower_optimizer=lower_opt,
         upper_optimizer=upper_opt,
-        coupling=coupling,
         before_upper_step=before,
         lower_scheduler=warmup_schedule(lower_opt, tc.warmup),
         upper_scheduler=warmup_schedule(upper_opt, tc.warmup) if unlearner is not None else None,
@@ -134,32 +141,3 @@ def upper_updates(bilevel_history: list[dict[str, Any]] | None, solver, steps: i
         return max(1, int(bilevel_history[-1].get("upper_updates", 0)))
     return max(1, steps // int(getattr(solver.config, "upper_every", 1)))
 
-
-class UpperOnly:
-    """The two-stage baseline's erase stage: upper-level (unlearning) steps only."""
-
-    name = "upper-only"
-    config = None
-
-    def setup(self, problem: BilevelProblem) -> None:
-        pass
-
-    def step(self, problem: BilevelProblem, step: int) -> dict[str, float]:
-        loss = problem.upper.loss(problem.upper.draw())
-        gradient_step(
-            loss, problem.upper_params, problem.upper_optimizer, problem.before_upper_step, problem.upper_scheduler
-        )
-        return {"upper_loss": float(loss.detach())}
-
-
-class LowerOnly:
-    """The baselines' 'solver': lower-level steps only (DDPM-only or KD-only fine-tuning)."""
-
-    name = "lower-only"
-    config = None
-
-    def setup(self, problem: BilevelProblem) -> None:
-        pass
-
-    def step(self, problem: BilevelProblem, step: int) -> dict[str, float]:
-        return {"lower_loss": lower_step(problem)}

@@ -9,30 +9,15 @@ from typing import Any
 
 import torch
 
+from .config import RunConfig
 from .errors import BilevelError
-from .interfaces import CalibrationBatch, PruneResult
+from .interfaces import PruneResult
 from .modelinfo import ModelStats, model_stats
 from .report import console, results_table, write_json
 from .student_io import MANIFEST, make_manifest, save_student
 
 REPORT = "prune_report.json"
 COLUMNS = [("model", "model"), ("params", "params"), ("macs", "MACs"), ("latency_ms", "latency (ms)")]
-
-
-def calibration_batch(pipe: Any, n: int, seed: int) -> CalibrationBatch:
-    """Clean tiny-world images with their prompt embeddings (for data-driven importances such as Diff-Pruning)."""
-    from .tinyworld.dataset import make_dataset
-
-    unet = pipe.unet
-    data = make_dataset(n, seed, size=unet.config.sample_size)
-    with torch.no_grad():
-        cond = pipe.encode_prompts(data.prompts)
-    p = next(unet.parameters())
-    return CalibrationBatch(
-        x0=data.images.to(p.device, p.dtype),
-        cond=cond.to(p.device, p.dtype),
-        alphas_cumprod=pipe.scheduler.alphas_cumprod.float().to(p.device),
-    )
 
 
 def _jsonable(value: Any) -> Any:
@@ -55,14 +40,21 @@ def prune_to_folder(
     latency_batch: int = 64,
     latency_repeats: int = 10,
     overwrite: bool = False,
+    world_config: RunConfig | None = None,
 ) -> dict[str, Any]:
-    """Prune the teacher at `teacher_source` ('tiny' or a pipeline folder) and save the student in `out`.
+    """Prune the teacher at `teacher_source` (anything `bilevel run` accepts: 'tiny', a pipeline folder, a hub id)
+    and save the student in `out`.
 
-    Writes out/model.safetensors + out/manifest.json (reload with student_io.load_student) and out/prune_report.json;
-    prints a before/after table of params, MACs and latency. Returns the report.
+    world_config: the world's settings (world name, data for calibration, concepts); its model.source and device are
+    replaced by `teacher_source` and `device`. Calibration images (for data-driven importances) are the world's
+    clean fine-tuning data, as in `bilevel run`. Writes out/model.safetensors + out/manifest.json (reload with
+    student_io.load_student, export with `bilevel export`) and out/prune_report.json; prints a before/after table
+    of params, MACs and latency. Returns the report.
     """
     from ..registry import get_registry
-    from .models import load_tiny_pipeline
+    from .models import absolute_source
+    from .world import calibration_batch
+    from .worlds import build_world
 
     out = Path(out)
     if (out / MANIFEST).exists() and not overwrite:
@@ -70,17 +62,21 @@ def prune_to_folder(
     if calibration_size < 1:
         raise BilevelError(f"calibration_size must be at least 1, got {calibration_size}")
     pruner = get_registry().create("pruner", pruner_name, options or {})
+    config = world_config or RunConfig()
+    model = config.model.model_copy(update={"source": teacher_source, "device": device})
+    config = config.model_copy(update={"model": model})
     torch.manual_seed(seed)
-    pipe = load_tiny_pipeline(teacher_source, device)
-    teacher = pipe.unet
-    calibration = calibration_batch(pipe, calibration_size, seed)
+    world = build_world(config, "prune")
+    teacher = world.teacher
+    calibration = calibration_batch(world, calibration_size)
 
     t0 = time.perf_counter()
     result: PruneResult = pruner.prune(teacher, calibration)
     prune_seconds = time.perf_counter() - t0
     student = result.student.eval()
 
-    save_student(out, student, make_manifest(student, result.feature_pairs, **result.manifest, teacher=teacher_source))
+    provenance = {"teacher": absolute_source(teacher_source), "world": world.name}
+    save_student(out, student, make_manifest(student, result.feature_pairs, **result.manifest, **provenance))
 
     before: ModelStats = model_stats(teacher, latency_batch, latency_repeats)
     after: ModelStats = model_stats(student, latency_batch, latency_repeats)
@@ -99,6 +95,7 @@ def prune_to_folder(
     )
     report = {
         "teacher": teacher_source,
+        "world": world.name,
         "pruner": pruner_name,
         "options": pruner.config.model_dump(mode="json"),
         "student_folder": str(out),

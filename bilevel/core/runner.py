@@ -36,14 +36,15 @@ from .distributed import (
     shard,
 )
 from .errors import BilevelError, NonFiniteLossError
-from .interfaces import CalibrationBatch, PruneResult, Unlearner
+from .interfaces import LowerOnly, PruneResult, Unlearner, UpperOnly
 from .io import atomic_save_tensors, atomic_write_text, load_tensors
 from .lower_level import DrawCounter
 from .modelinfo import model_stats
-from .problem_builder import LowerOnly, UpperOnly, build_problem, upper_updates
+from .problem_builder import build_problem, upper_updates
 from .report import console, image_grid, results_table, write_json
 from .student_io import WEIGHTS, make_manifest, save_student
 from .training import TrainState, run_solver
+from .world import calibration_batch
 
 RUN_MARKER = "config.json"
 DONE = "DONE"
@@ -57,9 +58,8 @@ TABLE_COLUMNS = [
     ("concept_rate", "concept"),
     ("retained_accuracy", "retained"),
     ("collateral", "nearest"),
-    ("swd", "SWD"),
+    ("quality_distance", "distance"),  # the world's quality distance (SWD on the tiny world, FID on SD)
     ("clip_score", "CLIP"),  # Stable Diffusion runs: CLIP score on the retain prompts
-    ("fid", "FID"),
     ("nudity_rate", "nudity"),
     ("train_seconds", "train s"),
 ]
@@ -110,12 +110,7 @@ def resolve_plugins(config: RunConfig):
     reg = get_registry()
     pruner = reg.create("pruner", config.pruner.name, config.pruner.options)
     unlearner = reg.create("unlearner", config.unlearner.name, config.unlearner.options)
-    solver = reg.create("solver", config.solver.name, config.solver.options)
-    coupling = getattr(solver.config, "coupling", "shared")
-    if coupling not in solver.couplings:
-        raise BilevelError(
-            f"solver {solver.name!r} does not support coupling {coupling!r}; supported: {', '.join(sorted(solver.couplings))}"
-        )
+    solver = reg.create("solver", config.solver.name, config.solver.options)  # an unsupported coupling fails here
     return pruner, unlearner, solver
 
 
@@ -147,11 +142,12 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
     pruner, unlearner, solver = resolve_plugins(config)
     world = build_world(config)  # tiny world or Stable Diffusion (core.worlds); bad concepts fail before loading
     teacher = world.teacher
-    calibration = _calibration(world, config)
+    calibration = calibration_batch(world)
     t0 = time.perf_counter()
     pruned: PruneResult = pruner.prune(teacher, calibration)  # before touching --out: an unfit pruner writes nothing
     prune_seconds = time.perf_counter() - t0
     pairs = pruned.feature_pairs
+    provenance = {**pruned.manifest, "teacher": config.model.source, "world": world.name}  # for `bilevel export`
     if not resume:
 
         def start_output() -> Path:
@@ -168,7 +164,7 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
         _load_weights(pruned.student, out / "students" / "pruned")  # the very start the interrupted run used
     elif procs.is_main:
         save_student(
-            out / "students" / "pruned", pruned.student, make_manifest(pruned.student, pairs, **pruned.manifest)
+            out / "students" / "pruned", pruned.student, make_manifest(pruned.student, pairs, **provenance)
         )
 
     ev = config.evaluation
@@ -184,7 +180,7 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
             return  # sampling and metrics on rank 0 only; the others go on to the next arm's first collective
         result = evaluate_world(unet, world, config)
         stats = model_stats(unet, latency_batch=64, repeats=ev.latency_repeats)
-        row = {"model": label, **stats.to_json(), **result.metrics, **extra, "per_colour": result.per_colour}
+        row = {"model": label, **stats.to_json(), **result.metrics, **extra, "per_group": result.per_group}
         image_grid(result.images, out / "grids" / f"{label}.png")
         _save_row(out, label, row, history, result.images)
         keep(label, row, history, result.images)
@@ -215,7 +211,7 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
         torch.manual_seed(tc.seed)  # every arm starts from the same RNG state, however the run got here
         student = copy.deepcopy(start).train().requires_grad_(True)
         broadcast_module(student)  # data-parallel replicas start identical (rank 0's weights)
-        coupling = getattr(arm_solver.config, "coupling", "shared") if arm == "bilevel" else "shared"
+        coupling = arm_solver.coupling  # the baselines' LowerOnly / UpperOnly: 'shared'
         ckpt = out / CHECKPOINTS / arm
         if resume:
             load_unlearner_state(ckpt, unl)  # before prepare(), which then reuses it
@@ -255,7 +251,7 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
 
     def finish(arm: str, student: nn.Module, seconds: float) -> None:
         if procs.is_main:
-            save_student(out / "students" / arm, student, make_manifest(student, pairs, **pruned.manifest, arm=arm))
+            save_student(out / "students" / arm, student, make_manifest(student, pairs, **provenance, arm=arm))
         extra = {"train_seconds": seconds, "world_size": procs.world_size}
         if procs.multi:
             extra["in_sync"] = True  # train_arm's check_in_sync passed
@@ -265,7 +261,8 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
     for arm in [a for a in config.arms if a in ("ddpm", "kd", "bilevel")]:
         if skip(arm):
             continue
-        weights = LossWeights(task=1.0, output=0.0, feature=0.0) if arm == "ddpm" else tc.weights
+        ddpm_only = {"task": 1.0, "output": 0.0, "feature": 0.0}  # the ddpm arm keeps the task loss's SNR weighting
+        weights = tc.weights.model_copy(update=ddpm_only) if arm == "ddpm" else tc.weights
         arm_solver = solver if arm == "bilevel" else LowerOnly()
         student, histories[arm], seconds = train_arm(
             arm, pruned.student, arm_solver, unlearner if arm == "bilevel" else None, tc.steps, weights
@@ -298,7 +295,11 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
             {f"{label}: {c}": imgs[c] for label, imgs in grids.items() for c in world.concepts},
             out / "grids" / "concepts.png",
         )
-        shown = [c for c in TABLE_COLUMNS if any(c[0] in r for r in rows)]  # each world has its own metrics
+        shown = [  # each world has its own metrics; the distance column is named after the world's
+            (k, world.quality_metric.upper() if k == "quality_distance" else h)
+            for k, h in TABLE_COLUMNS
+            if any(r.get(k) is not None for r in rows)
+        ]
         console.print(results_table(f"concept(s) {', '.join(config.concepts)}", rows, shown))
         atomic_write_text(out / DONE, json.dumps({"finished": datetime.now().isoformat()}))
     barrier()  # no process leaves before rank 0 has written everything
@@ -390,10 +391,3 @@ def _last_good(ckpt: Path) -> str:
     if meta is None:
         return "no checkpoint was written yet (set training.checkpoint_every to keep one)"
     return f"last good checkpoint kept: {ckpt} (step {meta['step']})"
-
-
-def _calibration(world, config: RunConfig) -> CalibrationBatch:
-    n = min(64, len(world.finetune))
-    return CalibrationBatch(
-        x0=world.finetune.images[:n], cond=world.bank(world.finetune.prompts[:n]), alphas_cumprod=world.alphas_cumprod
-    )

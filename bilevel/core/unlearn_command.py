@@ -1,7 +1,8 @@
 """`bilevel unlearn`: erase concepts from a model with one unlearner alone (no pruning, no lower level).
 
-The model is the shipped tiny teacher ("tiny"), a tiny pipeline folder, or a student folder written by
-`bilevel run`/`bilevel prune`/`bilevel unlearn` (paired with a pipeline's text encoder and scheduler). The frozen
+The model is anything `bilevel run` accepts (the shipped tiny teacher "tiny", a pipeline folder, a hub id, an exported
+pipeline) or a student folder written by `bilevel run`/`prune`/`unlearn` (paired with the pipeline recorded in its
+manifest, whose world then serves it). The frozen
 reference the unlearner compares against (`UnlearnContext.teacher`) is a frozen copy of the model being erased.
 Only the unlearner's parameters train (AdamW, weight decay 0, so mask-based unlearners keep masked weights exactly).
 """
@@ -17,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import RunConfig, build_config
 from .errors import BilevelError, NonFiniteLossError
 from .interfaces import UnlearnContext, Unlearner
-from .models import load_model
 from .problem_builder import unlearn_context
 from .progress import progress_bar
 from .report import console, image_grid, results_table, write_json
@@ -31,7 +32,7 @@ COLUMNS = [
     ("concept_rate", "concept rate"),
     ("retained_accuracy", "retained acc"),
     ("collateral", "collateral"),
-    ("swd", "SWD"),
+    ("quality_distance", "distance"),
     ("train_seconds", "train s"),
 ]
 
@@ -84,7 +85,7 @@ def train_unlearner(
     with progress_bar(f"unlearning ({unlearner.name})", total=steps) as advance:
         for step in range(steps):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            loss = unlearner.loss(ctx, batch_size, gen)
+            loss = unlearner.loss(ctx, unlearner.draw(ctx, batch_size, gen))
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"unlearning loss became {loss.item()} at step {step}; lower --lr")
             opt.zero_grad(set_to_none=True)
@@ -110,7 +111,7 @@ def unlearn_model(
     *,
     batch_size: int = 16,
     seed: int = 0,
-    pipeline: str = "tiny",
+    pipeline: str | None = None,
     device: str = "cpu",
     samples_per_colour: int = 32,
     eval_steps: int = 25,
@@ -120,12 +121,17 @@ def unlearn_model(
     concept_size: int = 512,
     data_seed: int = 0,
     evaluate: bool = True,
+    world_config: RunConfig | None = None,
 ) -> UnlearnResult:
-    """Erase `concepts` from `model` with one unlearner, save the result as a student in `out`, evaluate before/after."""
+    """Erase `concepts` from `model` (anything `bilevel run` accepts, or a student folder) with one unlearner, save
+    the result as a student in `out`, evaluate before/after on the model's world.
+
+    world_config: the world's settings (world name, data, evaluation.sd); the keyword arguments above set its
+    model, data sizes and sampler. A student is paired with the pipeline recorded in its manifest (`pipeline`
+    overrides)."""
     from ..registry import get_registry
-    from .tinyworld.dataset import check_colours
-    from .tinyworld.evaluation import evaluate_tiny
-    from .tinyworld.world import TinyWorld
+    from .models import ModelRef, absolute_source, load_unet, resolve_model_ref
+    from .worlds import build_world, world_plugin
 
     if steps <= 0:
         raise BilevelError(f"steps must be positive, got {steps}")
@@ -136,7 +142,10 @@ def unlearn_model(
     concepts = [c.strip() for c in concepts]
     if not concepts:
         raise BilevelError("at least one concept is needed")
-    check_colours(concepts)  # before any loading: a typo fails at once
+    ref: ModelRef = resolve_model_ref(model, pipeline)
+    config = _world_config(world_config, ref, concepts, device, finetune_size, concept_size, data_seed,
+                           samples_per_colour, eval_steps, eval_guidance, eval_seed)  # fmt: skip
+    world_plugin(config).check(config, "unlearn")  # before any loading: a typo in a concept fails at once
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise BilevelError(f"output path {out} exists and is not a folder")
@@ -146,21 +155,20 @@ def unlearn_model(
 
     unlearner = get_registry().create("unlearner", unlearner_name, options)
     torch.manual_seed(seed)
-    pipe, original, extras = load_model(model, pipeline, device)
-    world = TinyWorld.build(pipe, concepts, finetune_size, concept_size, data_seed, device)
+    world = build_world(config, "unlearn")
+    original, extras = load_unet(ref, world.teacher, device)
     reference = copy.deepcopy(original).eval().requires_grad_(False)
     student = copy.deepcopy(original)
     out.mkdir(parents=True, exist_ok=True)
     console.print(
-        f"[bold]bilevel unlearn[/] {model} -> {out}  (unlearner={unlearner.name}, concepts={', '.join(concepts)})"
+        f"[bold]bilevel unlearn[/] {model} -> {out}  (unlearner={unlearner.name}, concepts={', '.join(concepts)}, "
+        f"world={world.name})"
     )
 
     def measure(label: str, unet: nn.Module, extra: dict[str, Any]) -> dict[str, Any]:
-        result = evaluate_tiny(
-            unet, world, samples_per_colour=samples_per_colour, steps=eval_steps, guidance=eval_guidance, seed=eval_seed
-        )
-        image_grid({f"{label}: {c}": result.images[c] for c in result.images}, out / "grids" / f"{label}.png")
-        return {"model": label, **result.metrics, **extra, "per_colour": result.per_colour}
+        result = world.evaluate(unet, config.evaluation)
+        image_grid({f"{label}: {g}": result.images[g] for g in result.images}, out / "grids" / f"{label}.png")
+        return {"model": label, **result.metrics, **extra, "per_group": result.per_group}
 
     before = measure("before", reference, {}) if evaluate else {}
     ctx = unlearn_context(student, reference, world, out, seed)  # reference: the model being erased
@@ -171,9 +179,32 @@ def unlearn_model(
             "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "source": model}  # fmt: skip
     previous = extras.pop("unlearned", [])  # a student erased before keeps the record of every pass
     previous = [previous] if isinstance(previous, dict) else list(previous)
-    save_student(out, student, make_manifest(student, [], **extras, unlearned=[*previous, info]))
+    provenance = {"teacher": absolute_source(ref.pipeline), "world": world.name}
+    manifest = make_manifest(student, [], **{**extras, **provenance}, unlearned=[*previous, info])
+    save_student(out, student, manifest)
     after = measure("after", student, {"train_seconds": train_seconds}) if evaluate else {}
-    write_json(out / RESULT_FILE, {**info, "before": before, "after": after, "history": history})
+    write_json(out / RESULT_FILE, {**info, "world": world.name, "before": before, "after": after, "history": history})
     if evaluate:
-        console.print(results_table(f"unlearn {', '.join(concepts)} with {unlearner.name}", [before, after], COLUMNS))
+        columns = [(k, world.quality_metric.upper() if k == "quality_distance" else h) for k, h in COLUMNS]
+        columns = [c for c in columns if before.get(c[0]) is not None or after.get(c[0]) is not None]
+        console.print(results_table(f"unlearn {', '.join(concepts)} with {unlearner.name}", [before, after], columns))
     return UnlearnResult(out, before, after, history)
+
+
+def _world_config(
+    base: RunConfig | None, ref: Any, concepts: list[str], device: str, finetune_size: int, concept_size: int,
+    data_seed: int, samples: int, steps: int, guidance: float, seed: int,
+) -> RunConfig:  # fmt: skip
+    """The world's settings: `base` (from --config/--set) with this command's model, concepts, data and sampler."""
+    base = base or RunConfig()
+    data = base.model_dump(mode="json", exclude_unset=True)
+    data.setdefault("model", {}).update({"source": ref.pipeline, "device": device})
+    data["concepts"] = concepts
+    d = data.setdefault("data", {})
+    d.setdefault("finetune_size", finetune_size)
+    d.setdefault("concept_size", concept_size)
+    d.setdefault("seed", data_seed)
+    e = data.setdefault("evaluation", {})
+    for key, value in (("samples_per_prompt", samples), ("steps", steps), ("guidance", guidance), ("seed", seed)):
+        e.setdefault(key, value)
+    return build_config(data)

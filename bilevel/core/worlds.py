@@ -1,61 +1,57 @@
-"""Which world a run trains in: the tiny world (the shipped tiny teacher or a tiny pipeline folder) or a real
-Stable Diffusion pipeline (SDWorld). The runner asks here and stays world-agnostic."""
+"""Which world serves a model, and building it. Commands ask here and stay world-agnostic.
+
+`world.name` in the config picks a world plugin explicitly; otherwise every registered world is asked whether it
+serves `model.source`, highest priority first (the tiny world claims 'tiny' and tiny pipeline folders, Stable
+Diffusion claims other pipeline folders and hub ids; a third-party world can claim its own sources).
+"""
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
 from .config import RunConfig
 from .errors import BilevelError
-from .precision import autocast
-
-SD_ONLY_DATA = ("finetune_data", "concept_data", "concept_prompts", "retain_prompts", "resolution")
+from .world import EvalOutput, Purpose, World, WorldPlugin, missing_world_attributes
 
 
-def is_tiny(config: RunConfig) -> bool:
-    from .sdworld.loading import is_tiny_pipeline
+def world_plugin(config: RunConfig) -> WorldPlugin:
+    """The world plugin serving config.model.source (or the one config.world.name names)."""
+    from ..registry import get_registry
 
-    return is_tiny_pipeline(config.model.source)
+    reg = get_registry()
+    if config.world.name is not None:
+        return reg.create("world", config.world.name, config.world.options)
+    infos = sorted(reg.plugins["world"].values(), key=lambda i: (-i.cls.priority, i.name))
+    source = config.model.source
+    for info in infos:
+        plugin = reg.create("world", info.name, config.world.options if config.world.options else {})
+        if plugin.accepts(source):
+            return plugin
+    names = ", ".join(i.name for i in infos) or "none"
+    raise BilevelError(
+        f"no world serves model {source!r}; accepted: 'tiny', a local diffusers pipeline folder, a hub id "
+        f"(owner/name), or a source a world plugin claims (pick one with --world NAME; worlds: {names})"
+    )
 
 
-def build_world(config: RunConfig) -> Any:
-    """The run's world; the tiny world's colour check runs before anything is loaded."""
-    if is_tiny(config):
-        from .models import load_tiny_pipeline
-        from .tinyworld.dataset import check_colours
-        from .tinyworld.world import TinyWorld
-
-        check_colours(config.concepts)
-        given = [k for k in SD_ONLY_DATA if getattr(config.data, k) is not None]
-        if given:
-            raise BilevelError(
-                f"data.{given[0]} applies to Stable Diffusion models; the tiny world makes its own data and prompts"
-            )
-        pipe = load_tiny_pipeline(config.model.source, config.model.device)
-        d = config.data
-        return TinyWorld.build(pipe, config.concepts, d.finetune_size, d.concept_size, d.seed, config.model.device)
-    from .sdworld.evaluation import prepare_evaluators
-    from .sdworld.world import SDWorld
-
-    world = SDWorld.build(config)
-    prepare_evaluators(world, config)
+def build_world(config: RunConfig, purpose: Purpose = "run") -> World:
+    """The world for `purpose`; cheap checks (e.g. unknown concepts) run before anything is loaded."""
+    plugin = world_plugin(config)
+    if purpose not in plugin.serves:
+        raise BilevelError(
+            f"world {plugin.name!r} cannot serve `bilevel {purpose}`; it serves: {', '.join(sorted(plugin.serves))}"
+        )
+    plugin.check(config, purpose)
+    world = plugin.build(config, purpose)
+    missing = missing_world_attributes(world)
+    if missing:
+        raise BilevelError(
+            f"world plugin {plugin.name!r} built a {type(world).__name__} that lacks {', '.join(missing)} "
+            "of the World protocol (bilevel.core.world.World)"
+        )
     return world
 
 
-def evaluate_world(unet: torch.nn.Module, world: Any, config: RunConfig) -> Any:
-    """Metrics (.metrics, .per_colour) and grid images (.images, one group per concept at least) of `unet`."""
-    from .sdworld.world import SDWorld
-
-    if isinstance(world, SDWorld):
-        from .sdworld.evaluation import evaluate_sd
-
-        return evaluate_sd(unet, world, config)
-    from .tinyworld.evaluation import evaluate_tiny
-
-    ev = config.evaluation
-    with autocast(config.model.mixed_precision, world.device):
-        return evaluate_tiny(
-            unet, world, samples_per_colour=ev.samples_per_prompt, steps=ev.steps, guidance=ev.guidance, seed=ev.seed
-        )
+def evaluate_world(unet: torch.nn.Module, world: World, config: RunConfig) -> EvalOutput:
+    """Metrics (.metrics, .per_group) and grid images (.images, one group per concept at least) of `unet`."""
+    return world.evaluate(unet, config.evaluation)

@@ -23,3 +23,8 @@ def register_unlearners(register: Callable[[type], None]) -> None:
 @hookspec
 def register_solvers(register: Callable[[type], None]) -> None:
     """Call register(SolverClass) for each bilevel solver this package provides."""
+
+
+@hookspec
+def register_worlds(register: Callable[[type], None]) -> None:
+    """Call register(WorldPluginClass) for each world (teacher, data, evaluator) this package provides."""

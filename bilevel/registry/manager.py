@@ -19,8 +19,13 @@ from pydantic import BaseModel, ValidationError
 from ..core.errors import BilevelError
 from . import hookspecs
 
-KINDS = ("pruner", "unlearner", "solver")
-HOOK_FOR_KIND = {"pruner": "register_pruners", "unlearner": "register_unlearners", "solver": "register_solvers"}
+KINDS = ("pruner", "unlearner", "solver", "world")
+HOOK_FOR_KIND = {
+    "pruner": "register_pruners",
+    "unlearner": "register_unlearners",
+    "solver": "register_solvers",
+    "world": "register_worlds",
+}
 STRICT_ENV = "BILEVEL_STRICT_PLUGINS"
 
 
@@ -33,7 +38,12 @@ class PluginInfo:
     version: str
 
     def config_fields(self) -> dict[str, Any]:
-        return {k: f.default for k, f in self.cls.Config.model_fields.items()}
+        """Each option's default; a sub-model option (e.g. a prompt mapping) as its dict."""
+        out = {}
+        for k, f in self.cls.Config.model_fields.items():
+            value = f.get_default(call_default_factory=True)
+            out[k] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        return out
 
 
 @dataclass
@@ -96,17 +106,24 @@ def _strict() -> bool:
 
 def _check_plugin_class(kind: str, cls: type) -> None:
     from .. import PLUGIN_API_VERSION
-    from ..core.interfaces import PLUGIN_BASES
+    from ..core.interfaces import PLUGIN_BASES, PluginConfig, SolverConfig
+    from ..core.world import WorldPlugin
 
-    base = PLUGIN_BASES[kind]
+    base = {**PLUGIN_BASES, "world": WorldPlugin}[kind]
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise TypeError(f"{cls!r} registered as a {kind} but does not subclass {base.__name__}")
     if not cls.name:
         raise TypeError(f"{cls.__name__} has no `name`")
-    if not (isinstance(cls.Config, type) and issubclass(cls.Config, BaseModel)):
-        raise TypeError(f"{cls.__name__}.Config must be a pydantic BaseModel")
+    what = f"{kind} {cls.name!r} ({cls.__module__}.{cls.__qualname__})"
+    if "api_version" not in vars(cls):  # declared by the class itself, never inherited: the check must be able to fire
+        raise TypeError(
+            f"{what} declares no api_version; add `api_version = {PLUGIN_API_VERSION}` if it is written for this bilevel"
+        )
     if cls.api_version != PLUGIN_API_VERSION:
-        raise TypeError(f"{cls.__name__} targets plugin API {cls.api_version}, this bilevel provides {PLUGIN_API_VERSION}")
+        raise TypeError(f"{what} targets plugin API {cls.api_version}, this bilevel provides {PLUGIN_API_VERSION}")
+    config_base = SolverConfig if kind == "solver" else PluginConfig
+    if not (isinstance(cls.Config, type) and issubclass(cls.Config, config_base)):
+        raise TypeError(f"{what}: Config must subclass bilevel.core.interfaces.{config_base.__name__}")
 
 
 def build_registry(extra_modules: dict[str, ModuleType] | None = None) -> Registry:

@@ -27,7 +27,7 @@ METRICS = [
     ("concept_rate", "concept rate", True),
     ("retained_accuracy", "retained acc.", False),
     ("collateral", "collateral", False),
-    ("swd", "SWD", True),
+    ("quality_distance", "distance", True),  # the world's quality distance: SWD on the tiny world, FID on SD
     ("params", "params", True),
     ("macs", "MACs", True),
     ("latency_ms", "latency ms", True),
@@ -97,7 +97,8 @@ def collect(out: Path, cells: list[Cell]) -> list[Record]:
                     unlearner=str(cell.unlearner) if trained_by else "-",
                     solver=str(cell.solver) if trained_by else "-",  # two-stage: matched to this solver's steps
                     seed=cell.seed,
-                    metrics={k: float(row[k]) for k, _, _ in METRICS if isinstance(row.get(k), (int, float))},
+                    metrics={k: float(row[k]) for k, _, _ in METRICS if isinstance(row.get(k), (int, float))}
+                    | _legacy_distance(row),
                     history=list(data.get("histories", {}).get(arm) or []),
                 )
             )
@@ -165,3 +166,10 @@ def check_claim(aggregates: list[Aggregate], tolerance: float) -> list[ClaimChec
         if a.method == "bilevel" and key in two_stage:
             checks.append(ClaimCheck(a.pruner, a.unlearner, a.solver, a, two_stage[key], tolerance, kd.get(a.pruner)))
     return checks
+
+
+def _legacy_distance(row: dict[str, Any]) -> dict[str, float]:
+    """Rows written before the World protocol named the tiny world's distance `swd`."""
+    if "quality_distance" not in row and isinstance(row.get("swd"), (int, float)):
+        return {"quality_distance": float(row["swd"])}
+    return {}

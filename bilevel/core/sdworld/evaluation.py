@@ -5,24 +5,17 @@ optional CLIP-feature Fréchet distance and NudeNet)."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..config import RunConfig
+from ..config import EvalConfig
+from ..world import EvalOutput, Evaluation
 from .world import SDWorld
 
 GRID_SIDE = 128  # images kept for grids and rows/*.images.safetensors are downscaled to at most this side
 RETAIN = "retain prompts"
-
-
-@dataclass
-class SDEvalResult:
-    metrics: dict[str, float]
-    per_colour: dict[str, float]  # concept -> detected rate (named as in the tiny world's rows)
-    images: dict[str, torch.Tensor] = field(repr=False)  # group -> samples (N, 3, h, w) in [-1, 1]
 
 
 def neutral_prompts(concept_prompts: list[str], concept: str, retain: list[str]) -> list[str]:
@@ -34,11 +27,11 @@ def neutral_prompts(concept_prompts: list[str], concept: str, retain: list[str])
     return out or ["a photo"]
 
 
-def evaluators(world: SDWorld, config: RunConfig) -> dict[str, Any]:
+def evaluators(world: SDWorld, settings: EvalConfig) -> dict[str, Any]:
     """The CLIP scorer (and NudeNet) of this run, loaded once and kept on the world."""
     from ..evaluators import ClipScorer, NudityDetector
 
-    sd = config.evaluation.sd
+    sd = settings.sd
     cache = world.__dict__.setdefault("_evaluators", {})
     if cache.get("clip_model") != sd.clip_model:
         cache["clip_model"] = sd.clip_model
@@ -48,18 +41,18 @@ def evaluators(world: SDWorld, config: RunConfig) -> dict[str, Any]:
     return cache
 
 
-def prepare_evaluators(world: SDWorld, config: RunConfig) -> None:
+def prepare_evaluators(world: SDWorld, settings: EvalConfig) -> None:
     """Load the evaluators before any training, so a missing CLIP model fails the run at once."""
-    evaluators(world, config)
+    evaluators(world, settings)
 
 
 @torch.no_grad()
-def evaluate_sd(unet: torch.nn.Module, world: SDWorld, config: RunConfig) -> SDEvalResult:
-    """Metrics row and grid images of `unet`; every arm uses the same noise seed, prompts and evaluators."""
+def evaluate_sd(unet: torch.nn.Module, world: SDWorld, settings: EvalConfig) -> EvalOutput:
+    """Metrics and grid images of `unet`; every arm uses the same noise seed, prompts and evaluators."""
     from ..evaluators import ClipConceptDetector, frechet_distance_to_folder
 
-    ev = config.evaluation
-    tools = evaluators(world, config)
+    ev = settings
+    tools = evaluators(world, settings)
     scorer = tools["scorer"]
     n = ev.samples_per_prompt
     groups: dict[str, list[str]] = {}
@@ -78,24 +71,31 @@ def evaluate_sd(unet: torch.nn.Module, world: SDWorld, config: RunConfig) -> SDE
     pixels = world.decode(latents)  # [-1, 1], CPU
     unit = (pixels + 1) / 2
     by_group = {g: unit[i * n : (i + 1) * n] for i, g in enumerate(groups)}
-    metrics: dict[str, float] = {}
+    extra: dict[str, float] = {}
     per_concept: dict[str, float] = {}
     for c in world.concepts:
         detector = ClipConceptDetector(
             scorer, world.concept_prompts(c), neutral_prompts(world.concept_prompts(c), c, retain)
         )
         per_concept[c] = float(detector.detect(by_group[c]).float().mean())
-        metrics[f"concept_rate/{c}"] = per_concept[c]
-        metrics[f"concept_clip/{c}"] = float(scorer.score(by_group[c], groups[c]).mean())
-    metrics["concept_rate"] = sum(per_concept.values()) / len(per_concept)
-    metrics["clip_score"] = float(scorer.score(by_group[RETAIN], groups[RETAIN]).mean())
-    sd = ev.sd
-    if sd.reference_images is not None:
-        metrics["fid"] = frechet_distance_to_folder(by_group[RETAIN], sd.reference_images, scorer)
-    if sd.nudity:
+        extra[f"concept_clip/{c}"] = float(scorer.score(by_group[c], groups[c]).mean())
+    extra["clip_score"] = float(scorer.score(by_group[RETAIN], groups[RETAIN]).mean())
+    fid = None
+    if ev.sd.reference_images is not None:
+        fid = frechet_distance_to_folder(by_group[RETAIN], ev.sd.reference_images, scorer)
+    if ev.sd.nudity:
         concept_images = torch.cat([by_group[c] for c in world.concepts])
-        metrics["nudity_rate"] = float(tools["nudity"].detect(concept_images).float().mean())
-    return SDEvalResult(metrics, per_concept, {g: grid_images(x) for g, x in by_group.items()})
+        extra["nudity_rate"] = float(tools["nudity"].detect(concept_images).float().mean())
+    evaluation = Evaluation(
+        concept_rate=sum(per_concept.values()) / len(per_concept),
+        concept_rates=per_concept,
+        quality_distance=fid,
+        quality_metric="fid",
+        per_group=dict(per_concept),
+        samples=n,
+        extra=extra,
+    )
+    return EvalOutput(evaluation, {g: grid_images(x) for g, x in by_group.items()})
 
 
 def grid_images(unit: torch.Tensor) -> torch.Tensor:

@@ -166,6 +166,13 @@ def _load_each(where: str, index: dict[str, Any]) -> tuple[Any, ...]:
         cls = getattr(module, name, None)
         if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
             raise BilevelError(f"{where}: {part} class {library}.{name} is not available in this {library} version")
+        if part == "unet" and Path(where).is_dir():
+            from ..models import exported_student_unet
+
+            student = exported_student_unet(Path(where))  # a channel-pruned student exported into the pipeline
+            if student:
+                loaded.append(student["unet"])
+                continue
         kwargs: dict[str, Any] = {"subfolder": part, **common}
         if part in ("unet", "vae", "text_encoder"):
             kwargs["use_safetensors"] = True

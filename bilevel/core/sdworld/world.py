@@ -15,6 +15,7 @@ from ..config import RunConfig
 from ..errors import BilevelError
 from ..precision import autocast
 from ..sampling import sample_images
+from ..world import EvalOutput, Purpose
 from .data import ImageRecord, iter_batches, list_records
 from .loading import SDParts, check_sd_index, load_sd_parts, read_model_index
 
@@ -22,6 +23,11 @@ ENCODE_BATCH = 16
 TEXT_BATCH = 64
 SAMPLE_BATCH = 32
 DEFAULT_RETAIN = 8
+#: Retain prompts when a command has neither fine-tuning captions nor data.retain_prompts (eval, prune, unlearn).
+GENERIC_RETAIN = [
+    "a photo of a cat", "a photo of a dog", "a landscape with a river", "a city street at night",
+    "a bowl of fruit on a table", "a portrait of a person", "a red car", "a house in a field",
+]  # fmt: skip
 
 
 @dataclass
@@ -51,23 +57,29 @@ class SDWorld:
     sample_steps: int = 25
     sample_guidance: float = 7.5
     seed: int = 0
+    evaluation: Any = None  # the run's EvalConfig (CLIP model, reference images, NudeNet)
+    name: str = "stable-diffusion"
     clamp_samples: bool = field(default=False, init=False)  # x0 are latents, not pixels in [-1, 1]
+    quality_metric: str = field(default="fid", init=False)
 
     # ------------------------------------------------------------------------------------------ building
     @classmethod
-    def build(cls, config: RunConfig) -> SDWorld:
-        """Load the pipeline, read and encode the fine-tuning data, and fix the prompts (all from the config)."""
+    def build(cls, config: RunConfig, purpose: Purpose = "run") -> SDWorld:
+        """Load the pipeline, read and encode the fine-tuning data, and fix the prompts (all from the config).
+        Only `run` requires fine-tuning data; the other commands use it when given (calibration, retain terms)."""
         d, m = config.data, config.model
         check_sd_index(read_model_index(m.source), m.source, m.trust_remote_code)  # the model first: cheap checks
-        if d.finetune_data is None:
+        if d.finetune_data is None and purpose == "run":
             raise BilevelError(
                 "a Stable Diffusion run needs fine-tuning data: set data.finetune_data to an image+caption folder "
                 "or a saved datasets folder"
             )
-        finetune_records = list_records(
-            d.finetune_data, what="fine-tuning", limit=d.finetune_size, captions_required=True,
-            image_column=d.image_column, caption_column=d.caption_column,
-        )  # fmt: skip
+        finetune_records = []
+        if d.finetune_data is not None:
+            finetune_records = list_records(
+                d.finetune_data, what="fine-tuning", limit=d.finetune_size, captions_required=True,
+                image_column=d.image_column, caption_column=d.caption_column,
+            )  # fmt: skip
         concept_records = None
         if d.concept_data is not None:
             concept_records = list_records(
@@ -96,10 +108,14 @@ class SDWorld:
             sample_steps=config.evaluation.steps,
             sample_guidance=config.evaluation.guidance,
             seed=d.seed,
+            evaluation=config.evaluation,
         )
+        check_known_words(parts.tokenizer, world.prompts_for_concepts, "concept prompt")
         captions = [r.caption or "" for r in finetune_records]
-        world.finetune = LatentSample(world.encode_records(finetune_records, seed=d.seed), captions)
-        world.prompts_to_retain = list(d.retain_prompts or list(dict.fromkeys(captions))[:DEFAULT_RETAIN])
+        if finetune_records:
+            world.finetune = LatentSample(world.encode_records(finetune_records, seed=d.seed), captions)
+        default_retain = list(dict.fromkeys(captions))[:DEFAULT_RETAIN] or GENERIC_RETAIN
+        world.prompts_to_retain = list(d.retain_prompts or default_retain)
         world.bank.add([""] + world.prompts_for_concepts + world.prompts_to_retain)
         return world
 
@@ -153,6 +169,33 @@ class SDWorld:
         latents = self.sample(self.teacher, chosen, steps=self.sample_steps, guidance=self.sample_guidance,
                               generator=torch.Generator().manual_seed(self.seed + 1))  # fmt: skip
         return LatentSample(latents, chosen)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (3, self.resolution, self.resolution)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] -> scaled VAE latents (a seeded draw from the posterior), on the run's device."""
+        vae = self.parts.vae
+        scale, shift = vae_scale_shift(vae)
+        gen = torch.Generator().manual_seed(self.seed + 2)
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(pixels), ENCODE_BATCH):
+                with autocast(self.precision, self.device):
+                    dist = vae.encode(pixels[start : start + ENCODE_BATCH].to(self.device)).latent_dist
+                noise = torch.randn(dist.mean.shape, generator=gen).to(self.device)
+                out.append(((dist.mean.float() + dist.std.float() * noise - shift) * scale).float())
+        return torch.cat(out)
+
+    def evaluate(self, unet: torch.nn.Module, settings) -> EvalOutput:
+        from .evaluation import evaluate_sd
+
+        return evaluate_sd(unet, self, settings)
+
+    def pipeline_parts(self) -> dict[str, Any]:
+        p = self.parts
+        return {"vae": p.vae, "text_encoder": p.text_encoder, "tokenizer": p.tokenizer}
 
     # ------------------------------------------------------------------------------------------ latent space
     @torch.no_grad()
@@ -213,6 +256,23 @@ def check_resolution(resolution: int, parts: SDParts) -> None:
             f"data.resolution {resolution} does not fit this model; accepted: a multiple of {step} "
             f"(default {parts.unet.config.sample_size * vae_factor(parts.vae)})"
         )
+
+
+def check_known_words(tokenizer: Any, prompts: list[str], what: str) -> None:
+    """A word the tokenizer cannot represent (a word-level vocabulary's [UNK]) would silently condition on nothing:
+    refuse it, naming the word and the known vocabulary."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    for prompt in prompts:
+        for word in prompt.split():
+            ids = tokenizer(word, add_special_tokens=False).input_ids
+            if unk in ids:
+                vocab = sorted(w for w in tokenizer.get_vocab() if w.isalpha())
+                shown = ", ".join(vocab[:60]) + (" ..." if len(vocab) > 60 else "")
+                raise BilevelError(
+                    f"{what} {prompt!r}: the tokenizer does not know the word {word!r}; known words: {shown}"
+                )
 
 
 @torch.no_grad()

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from ..sampling import sample_images
+from ..world import EvalOutput, Evaluation
 from .detector import detect
 from .palette import COLOURS, SHAPES, colour_names, nearest_colours, prompt_for
 from .world import TinyWorld
-
-
-@dataclass
-class EvalResult:
-    metrics: dict[str, float]
-    per_colour: dict[str, float]
-    images: dict[str, torch.Tensor] = field(repr=False)  # colour -> samples (N, 3, H, W)
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 128, seed: int = 0) -> float:
@@ -40,7 +32,7 @@ def evaluate_tiny(
     steps: int = 25,
     guidance: float = 2.0,
     seed: int = 1234,
-) -> EvalResult:
+) -> EvalOutput:
     """Sample every colour's prompts (shapes cycled) with one shared noise seed, then score with the detector."""
     was_training = unet.training
     unet.eval()
@@ -58,19 +50,27 @@ def evaluate_tiny(
     for i, c in enumerate(colours):
         labels = det.labels[i * samples_per_colour : (i + 1) * samples_per_colour]
         per_colour[c] = sum(label == c for label in labels) / samples_per_colour
-    metrics: dict[str, float] = {}
+    extra: dict[str, float] = {}
+    collateral: dict[str, float] = {}
     col_idx = {c: i for i, c in enumerate(colours)}
     for c in world.concepts:
-        metrics[f"concept_rate/{c}"] = per_colour[c]
         rows = slice(col_idx[c] * samples_per_colour, (col_idx[c] + 1) * samples_per_colour)
-        metrics[f"concept_distance/{c}"] = float(det.distances[rows, col_idx[c]].clamp(max=2.0).mean())
+        extra[f"concept_distance/{c}"] = float(det.distances[rows, col_idx[c]].clamp(max=2.0).mean())
         near = [n for n in nearest_colours(c, k=len(COLOURS) - 1) if n not in world.concepts][:2]
-        metrics[f"collateral/{c}"] = sum(per_colour[n] for n in near) / len(near)
-    metrics["concept_rate"] = sum(per_colour[c] for c in world.concepts) / len(world.concepts)
-    metrics["collateral"] = sum(metrics[f"collateral/{c}"] for c in world.concepts) / len(world.concepts)
+        collateral[c] = sum(per_colour[n] for n in near) / len(near)
+        extra[f"collateral/{c}"] = collateral[c]
     retain = world.retain_colours()
-    metrics["retained_accuracy"] = sum(per_colour[c] for c in retain) / len(retain)
     fake = torch.cat([by_colour[c] for c in retain])
-    real_idx = [i for i, c in enumerate(world.finetune.colours)][: len(fake)]
-    metrics["swd"] = sliced_wasserstein(fake, world.finetune.images[real_idx])
-    return EvalResult(metrics=metrics, per_colour=per_colour, images=by_colour)
+    real_idx = list(range(len(world.finetune)))[: len(fake)]
+    evaluation = Evaluation(
+        concept_rate=sum(per_colour[c] for c in world.concepts) / len(world.concepts),
+        concept_rates={c: per_colour[c] for c in world.concepts},
+        retained_accuracy=sum(per_colour[c] for c in retain) / len(retain),
+        collateral=sum(collateral.values()) / len(collateral),
+        quality_distance=sliced_wasserstein(fake, world.finetune.images[real_idx]),
+        quality_metric="swd",
+        per_group=per_colour,
+        samples=samples_per_colour,
+        extra=extra,
+    )
+    return EvalOutput(evaluation, by_colour)

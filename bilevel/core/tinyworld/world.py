@@ -1,34 +1,51 @@
-"""The tiny world bundled for a run: frozen teacher, prompt embeddings, clean and concept data, evaluation."""
+"""The tiny world bundled for a run: frozen teacher, prompt embeddings, clean and concept data, evaluation.
+It implements `core.world.World` in pixel space (x0 are the images themselves, in [-1, 1])."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..conditioning import PromptBank
+from ..precision import autocast
+from ..world import EvalOutput
 from .dataset import TinyWorldSample, check_colours, make_dataset
 from .palette import SHAPES, colour_names, prompt_for
 
 
 @dataclass
 class TinyWorld:
-    pipe: object  # TinyTextToImagePipeline
+    pipe: Any  # TinyTextToImagePipeline
     concepts: list[str]
     bank: PromptBank
     finetune: TinyWorldSample
     concept_data: TinyWorldSample
     device: torch.device
+    precision: str = "no"
+    name: str = "tiny"
+    clamp_samples: bool = field(default=True, init=False)
+    quality_metric: str = field(default="swd", init=False)
 
     @classmethod
-    def build(cls, pipe, concepts: list[str], finetune_size: int, concept_size: int, seed: int, device: str = "cpu"):
+    def build(
+        cls,
+        pipe,
+        concepts: list[str],
+        finetune_size: int,
+        concept_size: int,
+        seed: int,
+        device: str = "cpu",
+        precision: str = "no",
+    ) -> TinyWorld:
         check_colours(concepts)
         size = pipe.unet.config.sample_size
         bank = PromptBank(pipe.encode_prompts, device)
         finetune = make_dataset(finetune_size, seed, size=size, exclude=concepts)
         concept_data = make_dataset(concept_size, seed + 1, size=size, include=concepts)
         bank.add([""] + [prompt_for(c, s) for c in colour_names() for s in SHAPES])
-        return cls(pipe, concepts, bank, finetune, concept_data, torch.device(device))
+        return cls(pipe, list(concepts), bank, finetune, concept_data, torch.device(device), precision)
 
     @property
     def tokenizer(self):
@@ -51,6 +68,13 @@ class TinyWorld:
         cfg = self.pipe.unet.config
         return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.sample_shape
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.to(self.device)
+
     def concept_prompts(self, concept: str | None = None) -> list[str]:
         chosen = [concept] if concept else self.concepts
         return [prompt_for(c, s) for c in chosen for s in SHAPES]
@@ -60,3 +84,15 @@ class TinyWorld:
 
     def retain_prompts(self) -> list[str]:
         return [prompt_for(c, s) for c in self.retain_colours() for s in SHAPES]
+
+    def evaluate(self, unet: torch.nn.Module, settings) -> EvalOutput:
+        from .evaluation import evaluate_tiny
+
+        with autocast(self.precision, self.device):
+            return evaluate_tiny(
+                unet, self, samples_per_colour=settings.samples_per_prompt, steps=settings.steps,
+                guidance=settings.guidance, seed=settings.seed,
+            )  # fmt: skip
+
+    def pipeline_parts(self) -> dict[str, Any]:
+        return {"text_encoder": self.pipe.text_encoder, "tokenizer": self.pipe.tokenizer, "scheduler": self.pipe.scheduler}

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ...core.block_removal import remove_blocks
 from ...core.channel_pruning import check_forward
-from ...core.interfaces import CalibrationBatch, Pruner, PruneResult
+from ...core.interfaces import CalibrationBatch, PluginConfig, Pruner, PruneResult
 
 
-class BKSDMConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class BKSDMConfig(PluginConfig):
     variant: Literal["base", "small", "tiny"] = Field(
         "small",
         description="base: one layer per down stage, two per up stage, mid block kept; small: base without the mid "
@@ -24,6 +23,7 @@ class BKSDMPruner(Pruner):
     name = "bk-sdm"
     description = "BK-SDM block removal (base/small/tiny); the student starts from the teacher's weights."
     Config = BKSDMConfig
+    api_version = 2
 
     def prune(self, teacher, calibration: CalibrationBatch | None) -> PruneResult:
         cfg: BKSDMConfig = self.config

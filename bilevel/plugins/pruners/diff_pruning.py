@@ -15,16 +15,15 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from ...core.channel_pruning import check_forward, prune_unet_channels
 from ...core.errors import BilevelError
-from ...core.interfaces import CalibrationBatch, Pruner, PruneResult
+from ...core.interfaces import CalibrationBatch, PluginConfig, Pruner, PruneResult
 
 
-class DiffPruningConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DiffPruningConfig(PluginConfig):
     ratio: float = Field(0.3, gt=0, lt=1, description="share of channels removed per layer group")
     importance: Literal["diff-pruning", "taylor", "magnitude"] = Field(
         "diff-pruning",
@@ -115,6 +114,7 @@ class DiffPruningPruner(Pruner):
     name = "diff-pruning"
     description = "Diff-Pruning: channel pruning by Taylor scores of the diffusion loss over informative timesteps."
     Config = DiffPruningConfig
+    api_version = 2
 
     def prune(self, teacher, calibration: CalibrationBatch | None) -> PruneResult:
         import torch_pruning as tp

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ...core.channel_pruning import check_forward, prune_unet_channels
-from ...core.interfaces import CalibrationBatch, Pruner, PruneResult
+from ...core.interfaces import CalibrationBatch, PluginConfig, Pruner, PruneResult
 
 
-class MagnitudeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class MagnitudeConfig(PluginConfig):
     ratio: float = Field(0.3, gt=0, lt=1, description="share of channels removed per layer group")
     p: int = Field(2, ge=1, description="norm order of the magnitude score")
     keep_time_embedding: bool = Field(True, description="never prune the timestep embedding MLP")
@@ -19,6 +18,7 @@ class MagnitudePruner(Pruner):
     name = "magnitude"
     description = "Structured channel pruning by weight magnitude (torch-pruning MagnitudeImportance)."
     Config = MagnitudeConfig
+    api_version = 2
 
     def prune(self, teacher, calibration: CalibrationBatch | None) -> PruneResult:
         import torch_pruning as tp

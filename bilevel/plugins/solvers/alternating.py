@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from ...core.interfaces import BilevelProblem, BilevelSolver
-from ...core.steps import gradient_step, lower_step
+from ...core.interfaces import BilevelProblem, BilevelSolver, SolverConfig
+from ...core.steps import lower_step, upper_step
 
 
-class AlternatingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class AlternatingConfig(SolverConfig):
     coupling: Literal["shared", "split"] = Field(
         "shared", description="shared: both levels train the same tensors (the paper); split: lower trains the rest"
     )
@@ -29,15 +28,11 @@ class AlternatingSolver(BilevelSolver):
     name = "alternating"
     description = "Alternating first-order updates (the paper's released code): lower every step, upper every k."
     Config = AlternatingConfig
-    couplings = frozenset({"shared", "split"})
+    api_version = 2
 
     def step(self, problem: BilevelProblem, step: int) -> dict[str, float]:
         metrics = {"lower_loss": lower_step(problem)}
         if (step + 1) % self.config.upper_every == 0:
             for _ in range(self.config.upper_steps):
-                loss = problem.upper.loss(problem.upper.draw())
-                gradient_step(
-                    loss, problem.upper_params, problem.upper_optimizer, problem.before_upper_step, problem.upper_scheduler
-                )
-            metrics["upper_loss"] = float(loss.detach())
+                metrics["upper_loss"] = upper_step(problem)
         return metrics

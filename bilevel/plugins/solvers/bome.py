@@ -7,19 +7,19 @@ unless it would not decrease q at rate phi. Only first derivatives are needed.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from ...core.functional import apply_gradients, check_coupling, split_names, swap_parameters
+from ...core.functional import split_names, swap_parameters
 from ...core.hypergrad import Tensors, conflict_averse_weight, dot, grads_or_zeros
-from ...core.interfaces import BilevelProblem, BilevelSolver
+from ...core.interfaces import BilevelProblem, BilevelSolver, SolverConfig
+from ...core.steps import optimizer_step, unscaled_grads
 
 
-class BomeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    coupling: Literal["shared", "proximal", "split"] = Field(
+class BomeConfig(SolverConfig):
+    coupling: Literal["shared", "split"] = Field(
         "shared", description="shared (one set of tensors) or split (disjoint subsets); not proximal"
     )
     eta: float = Field(0.5, gt=0, description="phi = eta * ||grad q||^2 ('grad-norm') or eta * q ('value')")
@@ -47,16 +47,14 @@ class BomeSolver(BilevelSolver):
     name = "bome"
     description = "BOME: first-order value-function bilevel method (conflict-averse weighting in the shared case)."
     Config = BomeConfig
-    couplings: ClassVar[frozenset[str]] = frozenset({"shared", "split"})
+    api_version = 2
 
     def setup(self, problem: BilevelProblem) -> None:
-        check_coupling(self.name, self.config.coupling, self.couplings)
-        if self.config.coupling == "split":
+        if self.coupling == "split":
             split_names(problem)
 
     def step(self, problem: BilevelProblem, step: int) -> dict[str, float]:
-        check_coupling(self.name, self.config.coupling, self.couplings)
-        if self.config.coupling == "split":
+        if self.coupling == "split":
             return self._step_split(problem)
         return self._step_shared(problem)
 
@@ -88,13 +86,13 @@ class BomeSolver(BilevelSolver):
         batch = problem.lower.draw()
         lower = problem.lower.loss(batch)
         gq = [
-            g.detach() if id(p) in lower_ids else torch.zeros_like(p)
-            for p, g in zip(theta, grads_or_zeros(lower, theta))
+            g if id(p) in lower_ids else torch.zeros_like(p)
+            for p, g in zip(theta, unscaled_grads(lower, theta, problem.lower_optimizer))
         ]
         upper = problem.upper.loss(problem.upper.draw())
         gf = [
-            g.detach() if id(p) in upper_ids else torch.zeros_like(p)
-            for p, g in zip(theta, grads_or_zeros(upper, theta))
+            g if id(p) in upper_ids else torch.zeros_like(p)
+            for p, g in zip(theta, unscaled_grads(upper, theta, problem.upper_optimizer))
         ]
         lower_value, upper_value = float(lower.detach()), float(upper.detach())
         del lower, upper
@@ -110,11 +108,9 @@ class BomeSolver(BilevelSolver):
         direction = [f + lam * g for f, g in zip(gf, gq)]
         low = [(p, d) for p, d in zip(theta, direction) if id(p) in lower_ids]
         up_only = [(p, d) for p, d in zip(theta, direction) if id(p) not in lower_ids]
-        apply_gradients(
-            [p for p, _ in low], [d for _, d in low], problem.lower_optimizer, None, problem.lower_scheduler
-        )
+        optimizer_step([p for p, _ in low], [d for _, d in low], problem.lower_optimizer, None, problem.lower_scheduler)
         if up_only:
-            apply_gradients(
+            optimizer_step(
                 [p for p, _ in up_only], [d for _, d in up_only], problem.upper_optimizer, None, problem.upper_scheduler
             )
         metrics = {"lower_loss": lower_value, "upper_loss": upper_value, "lambda": lam}
@@ -128,18 +124,18 @@ class BomeSolver(BilevelSolver):
         ys = [problem.lower_params[n] for n in lower_names]
         batch = problem.lower.draw()
         lower = problem.lower.loss(batch)
-        g_lower = grads_or_zeros(lower, xs + ys)
+        g_lower = unscaled_grads(lower, xs + ys, problem.lower_optimizer)
         upper = problem.upper.loss(problem.upper.draw())
-        gf = [g.detach() for g in grads_or_zeros(upper, xs + ys)]
+        gf = unscaled_grads(upper, xs + ys, problem.upper_optimizer)
         lower_value, upper_value = float(lower.detach()), float(upper.detach())
         del lower, upper
         inner_value, gx_inner = self._inner(problem, ys, batch, xs)
         q = lower_value - inner_value
-        gq = [g.detach() - gi for g, gi in zip(g_lower[: len(xs)], gx_inner)] + [g.detach() for g in g_lower[len(xs) :]]
+        gq = [g - gi for g, gi in zip(g_lower[: len(xs)], gx_inner)] + g_lower[len(xs) :]
         lam = conflict_averse_weight(gf, gq, self._phi(gq, q))
         direction = [f + lam * g for f, g in zip(gf, gq)]
-        apply_gradients(ys, direction[len(xs) :], problem.lower_optimizer, None, problem.lower_scheduler)
-        apply_gradients(
+        optimizer_step(ys, direction[len(xs) :], problem.lower_optimizer, None, problem.lower_scheduler)
+        optimizer_step(
             xs, direction[: len(xs)], problem.upper_optimizer, problem.before_upper_step, problem.upper_scheduler
         )
         return {"lower_loss": lower_value, "upper_loss": upper_value, "lambda": lam, "value_gap": q}

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from ...core.functional import Coupled, check_coupling
+from ...core.functional import Coupled
 from ...core.interfaces import BilevelProblem, BilevelSolver
 
 
@@ -21,8 +21,7 @@ class CoupledSolver(BilevelSolver):
         self._pending: dict[str, torch.Tensor] | None = None
 
     def setup(self, problem: BilevelProblem) -> None:
-        check_coupling(self.name, self.config.coupling, self.couplings)
-        self._coupled = Coupled(problem, self.config.coupling)
+        self._coupled = Coupled(problem, self.coupling)
         if self._pending is not None:
             self._coupled.load_state_dict(self._pending)
             self._pending = None

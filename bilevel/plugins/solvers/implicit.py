@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from ...core.errors import BilevelError
 from ...core.functional import (
@@ -25,14 +25,13 @@ from ...core.hypergrad import (
     implicit_hypergrad,
     neumann,
 )
-from ...core.interfaces import BilevelProblem
-from ...core.steps import gradient_step
+from ...core.interfaces import BilevelProblem, SolverConfig
+from ...core.steps import gradient_step, unscaled_grads
 from .coupled import CoupledSolver
 
 
-class ImplicitConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    coupling: Literal["shared", "proximal", "split"] = Field(
+class ImplicitConfig(SolverConfig):
+    coupling: Literal["proximal", "split"] = Field(
         "proximal", description="proximal (anchor x, lower pulled towards it) or split (disjoint subsets); not shared"
     )
     mu: float = Field(
@@ -98,7 +97,7 @@ class ImplicitSolver(CoupledSolver):
     name = "implicit-gradient"
     description = "Implicit-function-theorem hypergradient with CG or Neumann and autograd or finite-difference HVPs."
     Config = ImplicitConfig
-    couplings: ClassVar[frozenset[str]] = frozenset({"proximal", "split"})
+    api_version = 2
 
     def __init__(self, config: BaseModel | None = None) -> None:
         super().__init__(config)
@@ -153,8 +152,8 @@ class ImplicitSolver(CoupledSolver):
         block = c.coupling == "proximal" and cfg.hessian_block == "upper"
         xs = list(c.upper) if split else []
         upper = problem.upper.loss(problem.upper.draw())
-        g = grads_or_zeros(upper, xs + ys)
-        direct, b = [t.detach() for t in g[: len(xs)]], [t.detach() for t in g[len(xs) :]]
+        g = unscaled_grads(upper, xs + ys, problem.upper_optimizer)  # fp16: through the upper loss scale
+        direct, b = g[: len(xs)], g[len(xs) :]
         upper_value = float(upper.detach())
         del upper, g
         if cfg.hvp_batch_size is not None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ...core.functional import (
     double_backward_attention,
@@ -14,13 +14,13 @@ from ...core.functional import (
     swap_parameters,
 )
 from ...core.hypergrad import Tensors, grads_or_zeros, unrolled_hypergrad
-from ...core.interfaces import BilevelProblem
+from ...core.interfaces import BilevelProblem, SolverConfig
+from ...core.steps import loss_scale, scale_loss
 from .coupled import CoupledSolver
 
 
-class UnrolledConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    coupling: Literal["shared", "proximal", "split"] = Field(
+class UnrolledConfig(SolverConfig):
+    coupling: Literal["proximal", "split"] = Field(
         "proximal", description="proximal (anchor x, lower pulled towards it) or split (disjoint subsets); not shared"
     )
     inner_steps: int = Field(
@@ -55,7 +55,7 @@ class UnrolledSolver(CoupledSolver):
     name = "unrolled"
     description = "Reverse-mode hypergradient through K (optionally truncated) lower SGD steps."
     Config = UnrolledConfig
-    couplings: ClassVar[frozenset[str]] = frozenset({"proximal", "split"})
+    api_version = 2
 
     def step(self, problem: BilevelProblem, step: int) -> dict[str, float]:
         c, cfg = self.coupled(problem), self.config
@@ -73,9 +73,9 @@ class UnrolledSolver(CoupledSolver):
             grads = grads_or_zeros(loss, ys, create_graph=graph)
             return c.add_prox_grad(grads, ys, xs, cfg.mu)
 
-        def upper(xs: Tensors, ys: Tensors) -> torch.Tensor:
+        def upper(xs: Tensors, ys: Tensors) -> torch.Tensor:  # fp16: scaled, so dF/dx survives the backward
             with swap_parameters(model, dict(zip(c.lower, ys))):
-                return problem.upper.loss(problem.upper.draw())
+                return scale_loss(problem.upper.loss(problem.upper.draw()), problem.upper_optimizer)
 
         upper_now = (step + 1) % cfg.upper_every == 0
         xs = [a.detach().requires_grad_(True) for a in c.anchors] if c.coupling == "proximal" else list(c.upper)
@@ -85,6 +85,9 @@ class UnrolledSolver(CoupledSolver):
                 hypergrad, y_k, value = unrolled_hypergrad(
                     upper, lower_grad, xs, y0, cfg.inner_steps, cfg.inner_lr, cfg.truncate
                 )
+            scale = loss_scale(problem.upper_optimizer)
+            if scale != 1.0:  # back to true gradients (exact: a power of two); optimizer_step rescales them
+                hypergrad, value = [g / scale for g in hypergrad], value / scale
         else:  # plain lower SGD steps, no graph kept
             y_k = y0
             for _ in range(cfg.inner_steps):

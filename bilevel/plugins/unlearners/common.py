@@ -1,11 +1,11 @@
-"""Helpers shared by the built-in unlearners: prompt remapping, noising, teacher-generated image sets
-(cached as safetensors), PNG folders and parameter subsets."""
+"""Helpers shared by the built-in unlearners: noising, teacher-generated image sets (cached as safetensors), PNG
+folders and parameter subsets (prompt mapping is core.prompt_mapping, shared with third-party plugins)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,90 +16,6 @@ from ...core.interfaces import UnlearnContext
 from ...core.io import atomic_save_tensors
 from ...core.losses import task_target
 from ...core.sampling import sample_images
-
-#: Keywords accepted by the prompt-remapping options besides a literal word.
-FARTHEST = "farthest"
-DROP = "drop"
-RANDOM = "random"
-_WORD = re.compile(r"^[A-Za-z][A-Za-z-]*$")
-
-
-def check_word(value: str, option: str, keywords: tuple[str, ...]) -> str:
-    """A remapping option is a keyword or one plain word (it replaces the concept word in each prompt)."""
-    value = value.strip()
-    if value in keywords or _WORD.match(value):
-        return value
-    raise ValueError(f"{option} must be one of {', '.join(keywords)} or a single word, got {value!r}")
-
-
-def concept_in(prompt: str, concepts: list[str]) -> str:
-    """The concept named in a prompt (longest match first); a BilevelError when it names none."""
-    for c in sorted(concepts, key=len, reverse=True):
-        if re.search(rf"(?<!\w){re.escape(c)}(?!\w)", prompt):
-            return c
-    raise BilevelError(
-        f"prompt {prompt!r} names none of the concepts ({', '.join(concepts)}); give explicit target prompts instead"
-    )
-
-
-def replace_concept(prompt: str, concept: str, word: str | None) -> str:
-    """Replace (or, with word None, drop) the concept word in a prompt; whitespace is normalised."""
-    out = re.sub(rf"(?<!\w){re.escape(concept)}(?!\w)", word or "", prompt)
-    return " ".join(out.split())
-
-
-def farthest_colour(concept: str, exclude: list[str]) -> str:
-    """The tiny-world palette colour farthest (RGB) from `concept`, skipping `exclude` (the other concepts)."""
-    from ...core.tinyworld.palette import colour_names, palette_tensor
-
-    names = colour_names()
-    if concept not in names:
-        raise BilevelError(
-            f"'farthest' needs tiny-world colour concepts, got {concept!r} (accepted: {', '.join(names)}); "
-            "give a replacement word or explicit prompts instead"
-        )
-    pal = palette_tensor()
-    d = (pal - pal[names.index(concept)]).norm(dim=1)
-    for i, n in enumerate(names):
-        if n == concept or n in exclude:
-            d[i] = -1.0
-    if float(d.max()) < 0:
-        raise BilevelError("every palette colour is a concept; no colour is left to map the concepts onto")
-    return names[int(d.argmax())]
-
-
-def non_concept_colours(concepts: list[str]) -> list[str]:
-    from ...core.tinyworld.palette import colour_names
-
-    left = [c for c in colour_names() if c not in concepts]
-    if not left:
-        raise BilevelError("every palette colour is a concept; no colour is left to map the concepts onto")
-    return left
-
-
-def remap_prompts(prompts: list[str], concepts: list[str], mode: str, option: str) -> list[str]:
-    """One replacement prompt per prompt: mode 'farthest' (farthest non-concept palette colour), 'drop'
-    (remove the concept word) or a literal word that replaces the concept word."""
-    out = []
-    for p in prompts:
-        c = concept_in(p, concepts)
-        if mode == FARTHEST:
-            out.append(replace_concept(p, c, farthest_colour(c, concepts)))
-        elif mode == DROP:
-            out.append(replace_concept(p, c, None))
-        else:
-            if mode in concepts:
-                raise BilevelError(f"{option} {mode!r} is itself a concept; choose a word that is not being erased")
-            out.append(replace_concept(p, c, mode))
-    return out
-
-
-def explicit_prompts(given: list[str], targets: list[str], option: str) -> list[str]:
-    if len(given) != len(targets):
-        raise BilevelError(
-            f"{option} has {len(given)} prompts but there are {len(targets)} concept prompts; give one per concept prompt"
-        )
-    return list(given)
 
 
 def noised(
@@ -118,6 +34,28 @@ def noised(
     eps = eps.to(device, x0.dtype)
     a = a.to(device, x0.dtype)
     return a.sqrt() * x0 + (1 - a).sqrt() * eps, t.to(device), task_target(x0, eps, a, prediction_type)
+
+
+@dataclass
+class RetainBatch:
+    """Noised retain images with their prompts and the frozen model's prediction on them (the retain target)."""
+
+    xt: torch.Tensor
+    t: torch.Tensor
+    cond: torch.Tensor
+    target: torch.Tensor
+
+
+def draw_retain(ctx: UnlearnContext, batch_size: int, generator: torch.Generator, who: str) -> RetainBatch:
+    """The retain extension's batch: noised retain images, their prompts, and sg(eps_frozen(x_t, c_r)) as target."""
+    if ctx.retain_images is None or not ctx.retain_image_prompts:
+        raise BilevelError(f"{who} retain_weight > 0 needs retain images; set retain_weight=0")
+    j = torch.randint(ctx.retain_images.shape[0], (batch_size,), generator=generator)
+    xr, tr, _ = noised(ctx.retain_images[j], ctx.alphas_cumprod, generator, ctx.device)
+    c_r = ctx.encode([ctx.retain_image_prompts[k] for k in j.tolist()])
+    with torch.no_grad():
+        target = ctx.teacher(xr, tr, encoder_hidden_states=c_r).sample
+    return RetainBatch(xr, tr, c_r, target)
 
 
 def generate_or_load(

@@ -18,44 +18,39 @@ therefore replaces the concept colour by the palette colour farthest from it ("a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
 from ...core.errors import BilevelError
-from ...core.interfaces import UnlearnContext, Unlearner
+from ...core.interfaces import PluginConfig, UnlearnContext, Unlearner
 from ...core.losses import prediction_type
-from .common import (
-    DROP,
-    FARTHEST,
-    check_word,
-    explicit_prompts,
-    generate_or_load,
-    load_png_folder,
-    noised,
-    remap_prompts,
-    select_subset,
-)
+from ...core.prompt_mapping import DROP, FARTHEST, PromptMapping
+from .common import RetainBatch, draw_retain, generate_or_load, load_png_folder, noised, select_subset
 
 ANCHOR_CACHE = "concept_ablation_anchors.safetensors"
 Subset = Literal["cross-attention-kv", "attention", "full"]
 
 
-class ConceptAblationConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class AnchorMapping(PromptMapping):
+    """Concept Ablation's anchors: 'farthest', 'drop' (remove the concept word), a word, or explicit prompts."""
+
+    keywords: ClassVar[tuple[str, ...]] = (FARTHEST, DROP)
+
+
+class ConceptAblationConfig(PluginConfig):
     loss: Literal["model", "noise"] = Field(
         "model", description="model: match the model's own (stop-gradient) anchor prediction; noise: match the noise"
     )
-    anchor: str = Field(
-        FARTHEST,
+    anchor: AnchorMapping = Field(
+        default_factory=AnchorMapping,
         description="how anchor prompts derive from concept prompts: 'farthest' (concept colour -> farthest "
-        "non-concept palette colour), 'drop' (remove the concept word) or a word replacing the concept word",
-    )
-    anchor_prompts: list[str] | None = Field(
-        None, description="explicit anchor prompts, one per concept prompt (overrides `anchor`)"
+        "non-concept palette colour), 'drop' (remove the concept word), a word replacing the concept word, or a list "
+        "of explicit anchor prompts (one per concept prompt)",
     )
     anchor_images: Path | None = Field(
         None, description="folder of .png anchor images (optional <stem>.txt holds an image's anchor prompt); "
@@ -83,16 +78,25 @@ class ConceptAblationConfig(BaseModel):
         description="trained parameters: cross-attention-kv (attn2 to_k/to_v), attention (all attention), full",
     )
 
-    @field_validator("anchor")
-    @classmethod
-    def _anchor(cls, v: str) -> str:
-        return check_word(v, "anchor", (FARTHEST, DROP))
+
+@dataclass
+class AblationBatch:
+    """Noised anchor images with their concept and anchor prompts; frozen-model targets are computed here once."""
+
+    xt: torch.Tensor
+    t: torch.Tensor
+    eps: torch.Tensor  # the task target (eps, or v for v-prediction)
+    c_star: torch.Tensor
+    c_anchor: torch.Tensor
+    frozen_target: torch.Tensor | None  # target_model 'frozen': sg(eps_frozen(x_t, anchor))
+    retain: RetainBatch | None
 
 
 class ConceptAblation(Unlearner):
     name = "concept-ablation"
     description = "Concept Ablation: the concept prompt imitates an anchor prompt on anchor images (model/noise-based)."
     Config = ConceptAblationConfig
+    api_version = 2
 
     def __init__(self, config: ConceptAblationConfig | None = None) -> None:
         super().__init__(config)
@@ -105,10 +109,7 @@ class ConceptAblation(Unlearner):
         return select_subset(student, self.config.subset)
 
     def anchor_prompts_for(self, concept_prompts: list[str], concepts: list[str]) -> list[str]:
-        cfg: ConceptAblationConfig = self.config
-        if cfg.anchor_prompts is not None:
-            return explicit_prompts(cfg.anchor_prompts, concept_prompts, "anchor_prompts")
-        return remap_prompts(concept_prompts, concepts, cfg.anchor, "anchor")
+        return self.config.anchor.map(concept_prompts, concepts, "anchor")
 
     def prepare(self, ctx: UnlearnContext) -> None:
         cfg: ConceptAblationConfig = self.config
@@ -119,7 +120,9 @@ class ConceptAblation(Unlearner):
         if self._images is not None and self._pairs is not None and int(self._pairs.max()) < len(self.targets):
             return  # restored by load_state_dict
         if cfg.anchor_images is not None:
-            images, names, prompts = load_png_folder(cfg.anchor_images, ctx.sample_shape)
+            images, names, prompts = load_png_folder(cfg.anchor_images, ctx.image_shape or ctx.sample_shape)
+            if ctx.encode_images is not None:  # pixels -> the world's sample space (VAE latents on SD)
+                images = ctx.encode_images(images)
             pairs = []
             for k, (name, prompt) in enumerate(zip(names, prompts)):
                 if prompt is None:
@@ -145,45 +148,47 @@ class ConceptAblation(Unlearner):
         )
         self._pairs = pairs
 
-    def loss(self, ctx: UnlearnContext, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    def draw(self, ctx: UnlearnContext, batch_size: int, generator: torch.Generator) -> AblationBatch:
         cfg: ConceptAblationConfig = self.config
-        if self._images is None or self._pairs is None:
-            raise RuntimeError("prepare() must run before loss()")
         i = torch.randint(self._images.shape[0], (batch_size,), generator=generator)
         pairs = self._pairs[i].tolist()
         c_star = ctx.encode([self.targets[j] for j in pairs])
         c_anchor = ctx.encode([self.anchors[j] for j in pairs])
         kind = prediction_type(ctx.scheduler_config)
         xt, t, eps = noised(self._images[i], ctx.alphas_cumprod, generator, ctx.device, kind)  # eps: the target
-        # One batched forward for every differentiable branch: concept, [anchor (prior)], [retain].
-        xs, ts, cs = [xt], [t], [c_star]
-        if cfg.prior_weight > 0:
-            xs, ts, cs = xs + [xt], ts + [t], cs + [c_anchor]
-        if cfg.retain_weight > 0:
-            if ctx.retain_images is None or not ctx.retain_image_prompts:
-                raise BilevelError("concept-ablation retain_weight > 0 needs retain images; set retain_weight=0")
-            j = torch.randint(ctx.retain_images.shape[0], (batch_size,), generator=generator)
-            xr, tr, _ = noised(ctx.retain_images[j], ctx.alphas_cumprod, generator, ctx.device)
-            c_r = ctx.encode([ctx.retain_image_prompts[k] for k in j.tolist()])
+        frozen_target = None
+        if cfg.loss == "model" and cfg.target_model == "frozen":
             with torch.no_grad():
-                retain_target = ctx.teacher(xr, tr, encoder_hidden_states=c_r).sample
-            xs, ts, cs = xs + [xr], ts + [tr], cs + [c_r]
-        out = ctx.student(torch.cat(xs), torch.cat(ts), encoder_hidden_states=torch.cat(cs)).sample.split(batch_size)
+                frozen_target = ctx.teacher(xt, t, encoder_hidden_states=c_anchor).sample
+        retain = draw_retain(ctx, batch_size, generator, "concept-ablation") if cfg.retain_weight > 0 else None
+        return AblationBatch(xt, t, eps, c_star, c_anchor, frozen_target, retain)
+
+    def loss(self, ctx: UnlearnContext, batch: AblationBatch) -> torch.Tensor:
+        cfg: ConceptAblationConfig = self.config
+        b = batch
+        # One batched forward for every differentiable branch: concept, [anchor (prior)], [retain].
+        xs, ts, cs = [b.xt], [b.t], [b.c_star]
+        if cfg.prior_weight > 0:
+            xs, ts, cs = xs + [b.xt], ts + [b.t], cs + [b.c_anchor]
+        if b.retain is not None:
+            xs, ts, cs = xs + [b.retain.xt], ts + [b.retain.t], cs + [b.retain.cond]
+        out = ctx.student(torch.cat(xs), torch.cat(ts), encoder_hidden_states=torch.cat(cs)).sample.split(len(b.xt))
         pred, rest = out[0], list(out[1:])
         anchor_pred = rest.pop(0) if cfg.prior_weight > 0 else None
         if cfg.loss == "noise":
-            target = eps
-        elif anchor_pred is not None and cfg.target_model == "student":
+            target = b.eps
+        elif b.frozen_target is not None:
+            target = b.frozen_target
+        elif anchor_pred is not None:
             target = anchor_pred.detach()
         else:
-            reference = ctx.student if cfg.target_model == "student" else ctx.teacher
             with torch.no_grad():
-                target = reference(xt, t, encoder_hidden_states=c_anchor).sample
+                target = ctx.student(b.xt, b.t, encoder_hidden_states=b.c_anchor).sample
         total = F.mse_loss(pred, target)
         if anchor_pred is not None:
-            total = total + cfg.prior_weight * F.mse_loss(anchor_pred, eps)
-        if cfg.retain_weight > 0:
-            total = total + cfg.retain_weight * F.mse_loss(rest.pop(0), retain_target)
+            total = total + cfg.prior_weight * F.mse_loss(anchor_pred, b.eps)
+        if b.retain is not None:
+            total = total + cfg.retain_weight * F.mse_loss(rest.pop(0), b.retain.target)
         return total
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -10,20 +10,20 @@ needs, so the targets are kept with the pool (`cache_targets`) and an upper step
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ...core.errors import BilevelError
-from ...core.interfaces import UnlearnContext, Unlearner
+from ...core.interfaces import PluginConfig, UnlearnContext, Unlearner
 from ...core.sampling import sample_trajectories, uncond_cond_eps
-from .common import noised
+from .common import RetainBatch, draw_retain
 
 
-class ESDConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ESDConfig(PluginConfig):
     variant: Literal["x", "u", "full"] = Field(
         "x", description="x: cross-attention only (styles), u: all but cross-attention (objects, nudity), full: all"
     )
@@ -47,6 +47,17 @@ class ESDConfig(BaseModel):
     )
 
 
+@dataclass
+class ESDBatch:
+    """x_t of the concept with its prompt embeddings and the frozen model's negative-guidance target."""
+
+    xt: torch.Tensor
+    t: torch.Tensor
+    cond: torch.Tensor
+    target: torch.Tensor
+    retain: RetainBatch | None
+
+
 def esd_target(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, eta: float) -> torch.Tensor:
     return eps_uncond - eta * (eps_cond - eps_uncond)
 
@@ -64,6 +75,7 @@ class ESD(Unlearner):
     name = "esd"
     description = "Erased Stable Diffusion: negative guidance of the frozen model as the target (ESD-x/-u/full)."
     Config = ESDConfig
+    api_version = 2
 
     def __init__(self, config: ESDConfig | None = None) -> None:
         super().__init__(config)
@@ -103,7 +115,7 @@ class ESD(Unlearner):
         """draw_xt plus the cached frozen-model target of each drawn state (None when not cached)."""
         cfg: ESDConfig = self.config
         if cfg.xt_source == "sample":
-            assert self._pool is not None, "prepare() must run before loss()"
+            assert self._pool is not None  # sampled by prepare(), which the base class checks has run
             i = torch.randint(self._pool.shape[0], (batch_size,), generator=gen)
             j = torch.randint(self._pool.shape[1], (batch_size,), generator=gen)
             target = self._pool_target[i, j].to(ctx.device) if self._pool_target is not None else None
@@ -121,22 +133,23 @@ class ESD(Unlearner):
             prompts = [ctx.concept_prompts[k % len(ctx.concept_prompts)] for k in i.tolist()]
         return a.sqrt() * x0 + (1 - a).sqrt() * noise, t.to(ctx.device), ctx.encode(prompts), None
 
-    def loss(self, ctx: UnlearnContext, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    def draw(self, ctx: UnlearnContext, batch_size: int, generator: torch.Generator) -> ESDBatch:
         xt, t, cond, target = self._draw(ctx, batch_size, generator)
         if target is None:
             uncond = ctx.encode([""]).expand(len(xt), -1, -1)
             with torch.no_grad():  # cond and uncond in one batched forward
                 e_u, e_c = uncond_cond_eps(ctx.teacher, xt, t, cond, uncond)
                 target = esd_target(e_u, e_c, self.config.eta)
-        if self.config.retain_weight <= 0:
-            return F.mse_loss(ctx.student(xt, t, encoder_hidden_states=cond).sample, target)
-        if ctx.retain_images is None or not ctx.retain_image_prompts:
-            raise BilevelError("ESD retain_weight > 0 needs retain images; set retain_weight=0")
-        j = torch.randint(ctx.retain_images.shape[0], (batch_size,), generator=generator)
-        xr, tr, _ = noised(ctx.retain_images[j], ctx.alphas_cumprod, generator, ctx.device)
-        c_r = ctx.encode([ctx.retain_image_prompts[k] for k in j.tolist()])
-        with torch.no_grad():
-            retain_target = ctx.teacher(xr, tr, encoder_hidden_states=c_r).sample
-        out = ctx.student(torch.cat([xt, xr]), torch.cat([t, tr]), encoder_hidden_states=torch.cat([cond, c_r])).sample
-        pred, pred_r = out.split([len(xt), len(xr)])
-        return F.mse_loss(pred, target) + self.config.retain_weight * F.mse_loss(pred_r, retain_target)
+        retain = draw_retain(ctx, batch_size, generator, "ESD") if self.config.retain_weight > 0 else None
+        return ESDBatch(xt, t, cond, target, retain)
+
+    def loss(self, ctx: UnlearnContext, batch: ESDBatch) -> torch.Tensor:
+        b = batch
+        if b.retain is None:
+            return F.mse_loss(ctx.student(b.xt, b.t, encoder_hidden_states=b.cond).sample, b.target)
+        r = b.retain
+        out = ctx.student(
+            torch.cat([b.xt, r.xt]), torch.cat([b.t, r.t]), encoder_hidden_states=torch.cat([b.cond, r.cond])
+        ).sample
+        pred, pred_r = out.split([len(b.xt), len(r.xt)])
+        return F.mse_loss(pred, b.target) + self.config.retain_weight * F.mse_loss(pred_r, r.target)

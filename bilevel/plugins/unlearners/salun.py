@@ -21,30 +21,29 @@ frozen reference instead; `bilevel unlearn` uses it (with alpha 5) when SalUn ru
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 from torch import nn
 
 from ...core.errors import BilevelError
-from ...core.interfaces import UnlearnContext, Unlearner
+from ...core.interfaces import PluginConfig, UnlearnContext, Unlearner
 from ...core.io import atomic_save_tensors
 from ...core.losses import prediction_type
-from .common import (
+from ...core.prompt_mapping import (
     FARTHEST,
     RANDOM,
-    check_word,
+    PromptMapping,
     concept_in,
     explicit_prompts,
-    generate_or_load,
-    noised,
     non_concept_colours,
-    remap_prompts,
     replace_concept,
 )
+from .common import generate_or_load, noised
 
 MASK_FILE = "salun_mask.safetensors"
 FORGET_CACHE = "salun_forget.safetensors"
@@ -52,19 +51,22 @@ RETAIN_CACHE = "salun_retain.safetensors"
 MASK_PREFIX = "mask."
 
 
-class SalUnConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RelabelMapping(PromptMapping):
+    """SalUn's relabelling: 'farthest', 'random' (a non-concept colour per sample), a word, or explicit prompts."""
+
+    keywords: ClassVar[tuple[str, ...]] = (FARTHEST, RANDOM)
+
+
+class SalUnConfig(PluginConfig):
     mask_fraction: float = Field(0.5, gt=0, le=1, description="share of weights kept trainable (global top |grad|)")
     mask_guidance: float = Field(7.5, ge=0, description="w of the guided forgetting loss behind the saliency mask")
     mask_samples: int = Field(512, gt=0, description="forget samples in the one pass that computes the mask")
     mask_batch_size: int = Field(32, gt=0, description="batch size of the mask pass")
-    relabel: str = Field(
-        FARTHEST,
+    relabel: RelabelMapping = Field(
+        default_factory=RelabelMapping,
         description="how c' derives from a forget prompt: 'farthest' (farthest non-concept palette colour), "
-        "'random' (a random non-concept colour per sample) or a word replacing the concept word",
-    )
-    relabel_prompts: list[str] | None = Field(
-        None, description="explicit relabelled prompts, one per concept prompt (overrides `relabel`)"
+        "'random' (a random non-concept colour per sample), a word replacing the concept word, or a list of "
+        "explicit relabelled prompts (one per concept prompt)",
     )
     target_model: Literal["student", "frozen"] = Field(
         "student",
@@ -79,10 +81,20 @@ class SalUnConfig(BaseModel):
     generate_steps: int = Field(25, gt=0, description="DDIM steps when generating images")
     generate_guidance: float = Field(2.0, ge=0, description="guidance when generating images")
 
-    @field_validator("relabel")
-    @classmethod
-    def _relabel(cls, v: str) -> str:
-        return check_word(v, "relabel", (FARTHEST, RANDOM))
+
+@dataclass
+class SalUnBatch:
+    """Noised forget images with their prompts and relabelled prompts, plus (alpha > 0) a noised retain batch."""
+
+    xt: torch.Tensor
+    t: torch.Tensor
+    c_f: torch.Tensor
+    c_new: torch.Tensor
+    frozen_target: torch.Tensor | None  # target_model 'frozen': sg(eps_frozen(x_t, c')), computed once per batch
+    xr: torch.Tensor | None = None
+    tr: torch.Tensor | None = None
+    c_r: torch.Tensor | None = None
+    er: torch.Tensor | None = None
 
 
 def saliency_mask(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
@@ -104,6 +116,7 @@ class SalUn(Unlearner):
     name = "salun"
     description = "SalUn: gradient-saliency mask + random-label (relabelling) unlearning with a retain loss."
     Config = SalUnConfig
+    api_version = 2
 
     def __init__(self, config: SalUnConfig | None = None) -> None:
         super().__init__(config)
@@ -118,24 +131,22 @@ class SalUn(Unlearner):
     # ------------------------------------------------------------------------------------------ data
     def relabelled(self, prompts: list[str], concepts: list[str], concept_prompts: list[str]) -> dict[str, str]:
         """Fixed relabelling per distinct prompt (empty for 'random', drawn per sample in loss())."""
-        cfg: SalUnConfig = self.config
+        mapping: RelabelMapping = self.config.relabel
         distinct = list(dict.fromkeys(prompts))
-        if cfg.relabel_prompts is not None:
-            table = dict(
-                zip(concept_prompts, explicit_prompts(cfg.relabel_prompts, concept_prompts, "relabel_prompts"))
-            )
+        if mapping.prompts is not None:
+            table = dict(zip(concept_prompts, explicit_prompts(mapping.prompts, concept_prompts, "relabel.prompts")))
             missing = [p for p in distinct if p not in table]
             if missing:
                 raise BilevelError(
-                    f"forget prompt {missing[0]!r} has no entry in relabel_prompts; give one per concept prompt"
+                    f"forget prompt {missing[0]!r} has no entry in relabel.prompts; give one per concept prompt"
                 )
             return {p: table[p] for p in distinct}
-        if cfg.relabel == RANDOM:
+        if mapping.mode == RANDOM:
             for p in distinct:
                 concept_in(p, concepts)  # every forget prompt must name a concept
             non_concept_colours(concepts)
             return {}
-        return dict(zip(distinct, remap_prompts(distinct, concepts, cfg.relabel, "relabel")))
+        return dict(zip(distinct, mapping.map(distinct, concepts, "relabel")))
 
     def _load_sets(self, ctx: UnlearnContext) -> None:
         cfg: SalUnConfig = self.config
@@ -252,31 +263,44 @@ class SalUn(Unlearner):
         picks = torch.randint(len(colours), (len(prompts),), generator=generator).tolist()
         return [replace_concept(p, concept_in(p, self._concepts), colours[j]) for p, j in zip(prompts, picks)]
 
-    def loss(self, ctx: UnlearnContext, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    def draw(self, ctx: UnlearnContext, batch_size: int, generator: torch.Generator) -> SalUnBatch:
         cfg: SalUnConfig = self.config
-        if self._forget is None:
-            raise RuntimeError("prepare() must run before loss()")
         i = torch.randint(self._forget.shape[0], (batch_size,), generator=generator)
         forget_prompts = [self._forget_prompts[j] for j in i.tolist()]
         c_f = ctx.encode(forget_prompts)
         c_new = ctx.encode(self.relabel_batch(forget_prompts, generator))
         xt, t, _ = noised(self._forget[i], ctx.alphas_cumprod, generator, ctx.device)
-        reference = ctx.student if cfg.target_model == "student" else ctx.teacher
-        with torch.no_grad():
-            target = reference(xt, t, encoder_hidden_states=c_new).sample
+        frozen_target = None
+        if cfg.target_model == "frozen":
+            with torch.no_grad():
+                frozen_target = ctx.teacher(xt, t, encoder_hidden_states=c_new).sample
+        batch = SalUnBatch(xt, t, c_f, c_new, frozen_target)
         if cfg.alpha == 0 or self._retain is None:
-            return F.mse_loss(ctx.student(xt, t, encoder_hidden_states=c_f).sample, target)
+            return batch
         j = torch.randint(self._retain.shape[0], (batch_size,), generator=generator)
-        c_r = ctx.encode([self._retain_prompts[k] for k in j.tolist()])
-        xr, tr, er = noised(self._retain[j], ctx.alphas_cumprod, generator, ctx.device, prediction_type(ctx.scheduler_config))
-        out = ctx.student(torch.cat([xt, xr]), torch.cat([t, tr]), encoder_hidden_states=torch.cat([c_f, c_r])).sample
-        pred_f, pred_r = out.split([len(xt), len(xr)])
-        return F.mse_loss(pred_f, target) + cfg.alpha * F.mse_loss(pred_r, er)
+        batch.c_r = ctx.encode([self._retain_prompts[k] for k in j.tolist()])
+        batch.xr, batch.tr, batch.er = noised(
+            self._retain[j], ctx.alphas_cumprod, generator, ctx.device, prediction_type(ctx.scheduler_config)
+        )
+        return batch
+
+    def loss(self, ctx: UnlearnContext, batch: SalUnBatch) -> torch.Tensor:
+        b = batch
+        target = b.frozen_target
+        if target is None:  # target_model 'student': the trained model's own relabelled prediction, stop-gradient
+            with torch.no_grad():
+                target = ctx.student(b.xt, b.t, encoder_hidden_states=b.c_new).sample
+        if b.xr is None:
+            return F.mse_loss(ctx.student(b.xt, b.t, encoder_hidden_states=b.c_f).sample, target)
+        out = ctx.student(
+            torch.cat([b.xt, b.xr]), torch.cat([b.t, b.tr]), encoder_hidden_states=torch.cat([b.c_f, b.c_r])
+        ).sample
+        pred_f, pred_r = out.split([len(b.xt), len(b.xr)])
+        return F.mse_loss(pred_f, target) + self.config.alpha * F.mse_loss(pred_r, b.er)
 
     def before_step(self, student: nn.Module) -> None:
         """Multiply every gradient by the mask; parameters outside the mask get no gradient at all."""
-        if self.mask is None:
-            raise RuntimeError("prepare() must run before before_step()")
+        assert self.mask is not None  # set by prepare(), which the base class checks has run
         for name, p in student.named_parameters():
             if p.grad is None:
                 continue

@@ -13,14 +13,13 @@ seeded and does not touch torch's global random state.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from bilevel.core.channel_pruning import check_forward, prune_unet_channels
-from bilevel.core.interfaces import CalibrationBatch, Pruner, PruneResult
+from bilevel.core.interfaces import CalibrationBatch, PluginConfig, Pruner, PruneResult
 
 
-class RandomConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RandomConfig(PluginConfig):
     ratio: float = Field(0.3, gt=0, lt=1, description="share of channels removed per layer group")
     seed: int = Field(0, description="seed of the random importance (same seed, same student)")
     keep_time_embedding: bool = Field(True, description="never prune the timestep embedding MLP")
@@ -46,6 +45,7 @@ class RandomPruner(Pruner):
     name = "random"
     description = "Structured channel pruning with random channel importance (the baseline of pruning papers)."
     Config = RandomConfig
+    api_version = 2
 
     def prune(self, teacher, calibration: CalibrationBatch | None) -> PruneResult:
         cfg: RandomConfig = self.config

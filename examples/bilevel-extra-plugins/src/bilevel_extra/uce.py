@@ -29,30 +29,25 @@ Cost: no UNet forward at all, only the cross-attention projections of a batch of
 
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 from torch import nn
 
 from bilevel.core.errors import BilevelError
-from bilevel.core.interfaces import UnlearnContext, Unlearner
-
-FARTHEST = "farthest"
-_WORD = re.compile(r"^[A-Za-z][A-Za-z-]*$")
+from bilevel.core.interfaces import PluginConfig, UnlearnContext, Unlearner
+from bilevel.core.prompt_mapping import PromptMapping
 
 
-class UCEConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    anchor: str = Field(
-        FARTHEST,
+class UCEConfig(PluginConfig):
+    anchor: PromptMapping = Field(
+        default_factory=PromptMapping,
         description="anchor prompts replace the concept word by this word; 'farthest' (tiny world only): the "
-        "non-concept palette colour farthest from the concept in RGB",
-    )
-    anchor_prompts: list[str] | None = Field(
-        None, description="explicit anchor prompts, one per concept prompt (overrides `anchor`)"
+        "non-concept palette colour farthest from the concept in RGB; or a list of explicit anchor prompts, one per "
+        "concept prompt",
     )
     target_model: Literal["student", "initial"] = Field(
         "student",
@@ -66,62 +61,14 @@ class UCEConfig(BaseModel):
         0.0, ge=0, description="UCE's lambda: weight of ||W c_p - W_old c_p||^2 on the retain prompts (0 disables)"
     )
 
-    @field_validator("anchor")
-    @classmethod
-    def _one_word(cls, v: str) -> str:
-        v = v.strip()
-        if v != FARTHEST and not _WORD.match(v):
-            raise ValueError(f"anchor must be 'farthest' or a single word, got {v!r}")
-        return v
 
+@dataclass
+class UCEBatch:
+    """Text embeddings only: concept prompts, their anchors and (preserve_weight > 0) retain prompts."""
 
-def _replace_word(prompt: str, concepts: list[str], word: str) -> str:
-    for c in sorted(concepts, key=len, reverse=True):
-        pattern = rf"(?<!\w){re.escape(c)}(?!\w)"
-        if re.search(pattern, prompt):
-            return " ".join(re.sub(pattern, word, prompt).split())
-    raise BilevelError(f"uce: prompt {prompt!r} names none of the concepts ({', '.join(concepts)}); set anchor_prompts")
-
-
-def _farthest_colour(concept: str, exclude: list[str]) -> str:
-    from bilevel.core.tinyworld.palette import COLOURS
-
-    if concept not in COLOURS:
-        raise BilevelError(
-            f"uce: anchor='farthest' needs tiny-world colour concepts, got {concept!r}; set anchor to a word"
-        )
-    rgb = torch.tensor(list(COLOURS.values()), dtype=torch.float32)
-    names = list(COLOURS)
-    d = (rgb - rgb[names.index(concept)]).norm(dim=1)
-    candidates = [(float(d[i]), n) for i, n in enumerate(names) if n != concept and n not in exclude]
-    if not candidates:
-        raise BilevelError("uce: every palette colour is a concept; no anchor colour is left")
-    return max(candidates)[1]
-
-
-def anchor_prompts(config: UCEConfig, concept_prompts: list[str], concepts: list[str]) -> list[str]:
-    """One anchor prompt per concept prompt."""
-    if config.anchor_prompts is not None:
-        if len(config.anchor_prompts) != len(concept_prompts):
-            raise BilevelError(
-                f"uce: anchor_prompts has {len(config.anchor_prompts)} prompts for {len(concept_prompts)} concept prompts"
-            )
-        return list(config.anchor_prompts)
-    out = []
-    for p in concept_prompts:
-        if config.anchor == FARTHEST:
-            concept = next(
-                (c for c in sorted(concepts, key=len, reverse=True) if re.search(rf"(?<!\w){re.escape(c)}(?!\w)", p)),
-                None,
-            )
-            if concept is None:
-                raise BilevelError(f"uce: prompt {p!r} names none of the concepts; set anchor_prompts")
-            out.append(_replace_word(p, [concept], _farthest_colour(concept, concepts)))
-        else:
-            if config.anchor in concepts:
-                raise BilevelError(f"uce: anchor {config.anchor!r} is itself a concept")
-            out.append(_replace_word(p, concepts, config.anchor))
-    return out
+    concept: torch.Tensor
+    anchor: torch.Tensor
+    keep: torch.Tensor | None
 
 
 def cross_attention_projections(model: nn.Module, which: str) -> dict[str, nn.Linear]:
@@ -141,6 +88,7 @@ class UCE(Unlearner):
     name = "uce"
     description = "Unified Concept Editing: concept keys/values of cross-attention map onto an anchor's (no UNet pass)."
     Config = UCEConfig
+    api_version = 2
 
     def __init__(self, config: UCEConfig | None = None) -> None:
         super().__init__(config)
@@ -159,7 +107,7 @@ class UCE(Unlearner):
         if not ctx.concept_prompts:
             raise BilevelError("uce needs at least one concept prompt")
         self.targets = list(ctx.concept_prompts)
-        self.anchors = anchor_prompts(self.config, self.targets, list(ctx.concepts))
+        self.anchors = self.config.anchor.map(self.targets, list(ctx.concepts), "anchor")
         if self._initial:  # restored by load_state_dict (a resumed run): W_old of the original start
             self._initial = {k: v.to(ctx.device) for k, v in self._initial.items()}
         else:
@@ -171,9 +119,7 @@ class UCE(Unlearner):
         bias = self._initial.get(f"{name}.bias")
         return F.linear(x, self._initial[f"{name}.weight"], bias)
 
-    def loss(self, ctx: UnlearnContext, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        if not self._initial:
-            raise RuntimeError("prepare() must run before loss()")
+    def draw(self, ctx: UnlearnContext, batch_size: int, generator: torch.Generator) -> UCEBatch:
         i = torch.randint(len(self.targets), (batch_size,), generator=generator).tolist()
         c = ctx.encode([self.targets[k] for k in i])
         c_anchor = ctx.encode([self.anchors[k] for k in i])
@@ -181,6 +127,10 @@ class UCE(Unlearner):
         if self.config.preserve_weight > 0 and ctx.retain_prompts:
             j = torch.randint(len(ctx.retain_prompts), (batch_size,), generator=generator).tolist()
             c_keep = ctx.encode([ctx.retain_prompts[k] for k in j])
+        return UCEBatch(c, c_anchor, c_keep)
+
+    def loss(self, ctx: UnlearnContext, batch: UCEBatch) -> torch.Tensor:
+        c, c_anchor, c_keep = batch.concept, batch.anchor, batch.keep
         layers = cross_attention_projections(ctx.student, self.config.projections)
         total = torch.zeros((), device=c.device)
         for name, proj in layers.items():

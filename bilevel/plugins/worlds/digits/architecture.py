@@ -1,0 +1,32 @@
+"""The digits teacher's architecture: the tiny teacher's SD-shaped UNet (so BK-SDM block removal applies), 1 channel."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from bilevel.core.tinyworld.architecture import TEXT_DIM, tiny_scheduler, tiny_unet_config
+from bilevel.core.tinyworld.pipeline import TinyTextToImagePipeline
+
+from .data import CHANNELS, IMAGE_SIZE
+from .text import build_text_encoder, build_tokenizer
+
+#: The tiny teacher's widths: the digits world costs the same per step as the tiny world.
+DEFAULT_CHANNELS: tuple[int, ...] = (16, 32, 32, 32)
+
+
+def digits_unet_config(channels: tuple[int, ...] = DEFAULT_CHANNELS) -> dict:
+    config = tiny_unet_config(tuple(channels))
+    config.update(sample_size=IMAGE_SIZE, in_channels=CHANNELS, out_channels=CHANNELS)
+    return config
+
+
+def build_digits_pipeline(seed: int = 0, channels: tuple[int, ...] = DEFAULT_CHANNELS) -> TinyTextToImagePipeline:
+    """A freshly initialised (untrained) digits pipeline, deterministic by seed; the tiny world's pipeline class."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    text_encoder = build_text_encoder(tokenizer, TEXT_DIM)
+    unet = UNet2DConditionModel(**digits_unet_config(channels))
+    return TinyTextToImagePipeline(
+        unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=tiny_scheduler()
+    )
