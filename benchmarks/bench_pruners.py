@@ -24,8 +24,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bilevel.compression.model_stats import count_macs, count_params, measure_latency_ms
 from bilevel.core.interfaces import CalibrationBatch
-from bilevel.core.modelinfo import count_macs, count_params, measure_latency_ms
 from bilevel.registry import get_registry
 
 SD_V1 = {
@@ -46,14 +46,14 @@ SETTINGS: list[tuple[str, str, dict[str, Any]]] = [
 
 
 def tiny_world(device: str) -> tuple[nn.Module, CalibrationBatch, str]:
+    from bilevel.commands.prune import calibration_batch
     from bilevel.core.errors import BilevelError
-    from bilevel.core.models import load_tiny_pipeline
-    from bilevel.core.prune_command import calibration_batch
+    from bilevel.worlds.models import load_tiny_pipeline
 
     try:
         pipe, label = load_tiny_pipeline("tiny", device), "tiny (shipped teacher)"
     except BilevelError:
-        from bilevel.core.tinyworld.architecture import build_tiny_pipeline
+        from bilevel.worlds.tiny.architecture import build_tiny_pipeline
 
         pipe, label = build_tiny_pipeline(0).to(device), "tiny (untrained)"
     pipe.unet.eval().requires_grad_(False)

@@ -105,10 +105,10 @@ def train_only(model: Path, data: Path, clip: Path, setting: str, args) -> dict:
     """Lower-level (KD) steps alone: median seconds per step and peak GPU memory of training itself (the whole-run
     peak above also holds evaluation and sampling)."""
     from bilevel.core.config import build_config
-    from bilevel.core.problem_builder import build_problem
-    from bilevel.core.steps import lower_step
-    from bilevel.core.worlds import build_world
+    from bilevel.optim.problem import build_problem
+    from bilevel.optim.steps import lower_step
     from bilevel.registry import get_registry
+    from bilevel.worlds.resolve import build_world
 
     precision, _, gc = setting.partition("+")
     config = build_config(

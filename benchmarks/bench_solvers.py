@@ -76,11 +76,11 @@ def build(label: str):
     """(problem, step function) of a configuration, on the default run's tiny-world bilevel arm."""
     from bilevel.core.config import RunConfig
     from bilevel.core.interfaces import CalibrationBatch
-    from bilevel.core.models import load_tiny_pipeline
-    from bilevel.core.problem_builder import build_problem
-    from bilevel.core.steps import lower_step
-    from bilevel.core.tinyworld.world import TinyWorld
+    from bilevel.optim.problem import build_problem
+    from bilevel.optim.steps import lower_step
     from bilevel.registry import get_registry
+    from bilevel.worlds.models import load_tiny_pipeline
+    from bilevel.worlds.tiny.world import TinyWorld
 
     config = RunConfig()
     reg = get_registry()

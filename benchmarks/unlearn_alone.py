@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 
-from bilevel.core.unlearn_command import RECOMMENDED, unlearn_model
+from bilevel.commands.unlearn import RECOMMENDED, unlearn_model
 
 TARGET_RATE = 0.1
 TARGET_DROP = 0.05

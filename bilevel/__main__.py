@@ -3,7 +3,7 @@
 import os
 import sys
 
-from .cli import main
+from bilevel.cli import main
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

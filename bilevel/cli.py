@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .core.errors import BilevelError
+from bilevel import __version__
+from bilevel.core.errors import BilevelError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="world setting, e.g. --set evaluation.sd.clip_model=DIR --set data.retain_prompts=[...]")  # fmt: skip
 
+    att = sub.add_parser("attack", help="is a suppressed concept really gone? attack plugins on any model")
+    att.add_argument("model", help=model_help)
+    att.add_argument("--concept", action="append", help="concept(s) to attack (default purple)")
+    att.add_argument("--attack", action="append", help="attack plugin name(s), repeatable or comma-separated "
+                     "(default: every registered attack; see `bilevel plugins`)")  # fmt: skip
+    att.add_argument("--out", type=Path, help="folder for attacks.json and relearning.png")
+    _world_flags(att)
+    att.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="attack option (NAME.key=value, or key=value for every selected attack that has it, e.g. "
+                     "inversion.steps=50, seed=1) or world setting (model.*, world.*, data.*, evaluation.*)")  # fmt: skip
+
     prune = sub.add_parser("prune", help="prune a teacher and write the student (compression only)")
     prune.add_argument("--model", default="tiny", help="teacher: 'tiny', a local diffusers pipeline folder or a hub id")
     prune.add_argument("--pruner", default="magnitude", help="pruner plugin name")
@@ -143,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
 
 # ------------------------------------------------------------------------------------------------ commands
 def cmd_run(args: argparse.Namespace) -> int:
-    from .core.config import apply_override, build_config, read_config_file
+    from bilevel.core.config import apply_override, build_config, read_config_file
 
     if args.resume:
         return _resume_run(args)
-    from .core.presets import layer, load_preset
+    from bilevel.core.presets import layer, load_preset
 
     preset: dict[str, Any] = load_preset(args.preset) if args.preset else {}
     data: dict[str, Any] = read_config_file(args.config) if args.config else {}
@@ -179,7 +190,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for assignment in args.overrides:
         apply_override(data, assignment)
     config = build_config(layer(preset, data))  # the preset is the bottom layer
-    from .core.runner import run
+    from bilevel.commands.run import run
 
     run(config)
     return 0
@@ -203,14 +214,14 @@ def _resume_run(args: argparse.Namespace) -> int:
         raise BilevelError(
             f"--resume continues the run saved in {saved} unchanged; drop {', '.join(given)} (accepted with it: --out)"
         )
-    from .core.runner import load_saved_config, run
+    from bilevel.commands.run import load_saved_config, run
 
     run(load_saved_config(args.out), resume=True)
     return 0
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from .core.ablation.commands import ablate
+    from bilevel.commands.ablate.commands import ablate
 
     return ablate(args)
 
@@ -232,7 +243,7 @@ WORLD_SECTIONS = ("model.", "world.", "data.", "evaluation.")
 
 def _split_sets(assignments: list[str], kind: str) -> tuple[list[str], dict[str, Any]]:
     """(run-config assignments, plugin options): `data.x=1` is a world setting, `x=1` or `<kind>.options.x=1` an option."""
-    from .core.config import apply_override
+    from bilevel.core.config import apply_override
 
     world: list[str] = []
     options: dict[str, Any] = {}
@@ -248,7 +259,7 @@ def _split_sets(assignments: list[str], kind: str) -> tuple[list[str], dict[str,
 def _world_config(args: argparse.Namespace, pipeline: str, assignments: list[str], defaults: dict[str, Any]):
     """A RunConfig holding the world's settings: --config, then the command's defaults where the file is silent,
     then flags and --set (later wins)."""
-    from .core.config import apply_override, build_config, read_config_file
+    from bilevel.core.config import apply_override, build_config, read_config_file
 
     data: dict[str, Any] = read_config_file(args.config) if getattr(args, "config", None) else {}
     for key, value in defaults.items():
@@ -265,8 +276,8 @@ def _world_config(args: argparse.Namespace, pipeline: str, assignments: list[str
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .core.evaluate_cli import evaluate_model
-    from .core.models import resolve_model_ref
+    from bilevel.commands.evaluate import evaluate_model
+    from bilevel.worlds.models import resolve_model_ref
 
     ref = resolve_model_ref(args.model, args.pipeline)
     flags = {"evaluation.samples_per_prompt": args.samples, "evaluation.steps": args.steps,
@@ -278,8 +289,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attack(args: argparse.Namespace) -> int:
+    from bilevel.commands.attack import attack_model
+    from bilevel.registry import get_registry
+    from bilevel.worlds.models import resolve_model_ref
+
+    named = [n.strip() for given in args.attack or [] for n in given.split(",") if n.strip()]
+    names = list(dict.fromkeys(named)) or get_registry().names("attack")
+    if not names:
+        raise BilevelError("no attack is registered; see `bilevel plugins`")
+    keys = [a.split("=", 1)[0].strip() for a in args.overrides]
+    world_sets = [a for a, k in zip(args.overrides, keys) if k.startswith(WORLD_SECTIONS) or k == "concepts"]
+    attack_sets = [a for a in args.overrides if a not in world_sets]
+    ref = resolve_model_ref(args.model, args.pipeline)
+    config = _world_config(args, ref.pipeline, world_sets, {"data.finetune_size": 512})
+    attack_model(ref, config, names, attack_sets, args.out, explicit=bool(named), label=args.model)
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .core.prune_command import prune_to_folder
+    from bilevel.commands.prune import prune_to_folder
 
     world_sets, options = _split_sets(args.options, "pruner")
     config = _world_config(args, args.model, world_sets, {})
@@ -291,8 +320,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
-    from .core.models import resolve_model_ref
-    from .core.unlearn_command import RECOMMENDED, unlearn_model
+    from bilevel.commands.unlearn import RECOMMENDED, unlearn_model
+    from bilevel.worlds.models import resolve_model_ref
 
     recommended = RECOMMENDED.get(args.unlearner)
     world_sets, given = _split_sets(args.options, "unlearner")
@@ -309,8 +338,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .core.report import console
-    from .export import export_model
+    from bilevel.commands.export import export_model
+    from bilevel.runtime.report import console
 
     result = export_model(args.source, args.out, arm=args.arm, pipeline=args.pipeline, overwrite=args.overwrite)
     kind = "stock diffusers pipeline" if result.stock else "channel-pruned student (no stock config describes it)"
@@ -319,7 +348,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
-    from .core.tinyworld.teacher_training import TeacherTrainConfig, train_teacher
+    from bilevel.worlds.tiny.teacher_training import TeacherTrainConfig, train_teacher
 
     options = {k: v for k, v in {"steps": args.steps, "seed": args.seed}.items() if v is not None}
     config = TeacherTrainConfig(**options)
@@ -329,7 +358,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from .core.presets import available, get_preset
+    from bilevel.core.presets import available, get_preset
 
     if args.show:
         print(get_preset(args.show).text, end="")
@@ -342,7 +371,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from .registry import get_registry
+    from bilevel.registry import get_registry
 
     reg = get_registry()
     if args.schema:
@@ -388,7 +417,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "ablate": cmd_ablate, "eval": cmd_eval, "prune": cmd_prune, "unlearn": cmd_unlearn, "export": cmd_export, "teacher": cmd_teacher, "plugins": cmd_plugins, "presets": cmd_presets}
+COMMANDS = {"run": cmd_run, "ablate": cmd_ablate, "eval": cmd_eval, "attack": cmd_attack, "prune": cmd_prune, "unlearn": cmd_unlearn, "export": cmd_export, "teacher": cmd_teacher, "plugins": cmd_plugins, "presets": cmd_presets}
 
 if __name__ == "__main__":  # pragma: no cover
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

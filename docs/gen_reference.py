@@ -243,7 +243,7 @@ def config_reference() -> str:
     ]
     for name in run_config_sections():
         out += _section_docs(_submodel(RunConfig.model_fields[name].annotation), name, 3)
-    from bilevel.core.ablation.grid import AblationGrid
+    from bilevel.commands.ablate.grid import AblationGrid
 
     out += [
         "## Ablation grid (`AblationGrid`)\n",
@@ -255,10 +255,11 @@ def config_reference() -> str:
     out.append(
         "## Plugin options\n\n"
         "Given under `pruner.options`, `unlearner.options`, `solver.options` or `world.options` of a run config "
-        "(`--set unlearner.options.variant=full`), or as `--set key=value` to `bilevel prune` / `bilevel unlearn`. "
+        "(`--set unlearner.options.variant=full`), or as `--set key=value` to `bilevel prune` / `bilevel unlearn` "
+        "(attacks: `--set NAME.key=value` to `bilevel attack`). "
         "`bilevel plugins --schema NAME` prints the same as JSON schema.\n"
     )
-    for kind in ("pruner", "unlearner", "solver", "world"):
+    for kind in ("pruner", "unlearner", "solver", "world", "attack"):
         out.append(f"### {kind}s\n")
         for name in reg.names(kind):
             info = reg.plugins[kind][name]

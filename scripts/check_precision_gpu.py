@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from sd_fixtures import build_tiny_clip, build_tiny_sd
 
 from bilevel.cli import main
-from bilevel.core import steps
+from bilevel.optim import steps
 
 root = Path(sys.argv[1])
 data = root / "data"

@@ -27,7 +27,7 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def tiny_pipe():
     """The shipped tiny teacher pipeline (frozen)."""
-    from bilevel.core.models import load_tiny_pipeline
+    from bilevel.worlds.models import load_tiny_pipeline
 
     return load_tiny_pipeline("tiny")
 
@@ -35,6 +35,6 @@ def tiny_pipe():
 @pytest.fixture()
 def random_pipe():
     """An untrained tiny pipeline: for tests that need the architecture, not the quality."""
-    from bilevel.core.tinyworld.architecture import build_tiny_pipeline
+    from bilevel.worlds.tiny.architecture import build_tiny_pipeline
 
     return build_tiny_pipeline(0)

@@ -12,10 +12,10 @@ import shutil
 import pytest
 
 from bilevel.cli import main
-from bilevel.core.ablation import execute
-from bilevel.core.ablation.browser import check_html, find_browser
-from bilevel.core.ablation.grid import AblationGrid, load_grid, plan_cells
-from bilevel.core.ablation.results import Aggregate, check_claim
+from bilevel.commands.ablate import execute
+from bilevel.commands.ablate.browser import check_html, find_browser
+from bilevel.commands.ablate.grid import AblationGrid, load_grid, plan_cells
+from bilevel.commands.ablate.results import Aggregate, check_claim
 
 SMALL = [
     "--set", "training.steps=6", "--set", "training.batch_size=8", "--set", "training.upper_batch_size=4",
@@ -140,19 +140,43 @@ def test_grid_planning_shares_baselines_and_quick_preset():
     assert [c.arms for c in no_two_stage if c.kind == "baseline"] == [("pruned",)] * 3
 
 
-def _agg(method: str, concept: float, retained: float) -> Aggregate:
+def _agg(method: str, concept: float, retained: float, concept_n: int = 128, retained_n: int = 224) -> Aggregate:
+    """One seed, with the Wilson intervals its run would have reported."""
+    from bilevel.core.stats import wilson_interval
+
     mean = {"concept_rate": concept, "retained_accuracy": retained}
-    return Aggregate(method, "p", "u", "s", 1, mean, {k: 0.0 for k in mean}, [])
+    interval = {
+        "concept_rate": wilson_interval(round(concept * concept_n), concept_n),
+        "retained_accuracy": wilson_interval(round(retained * retained_n), retained_n),
+    }
+    return Aggregate(method, "p", "u", "s", 1, mean, {k: 0.0 for k in mean}, [], interval, {}, [0])
 
 
 @pytest.mark.parametrize(
-    ("bilevel", "two_stage", "holds"),
-    [((0.0, 0.9), (0.0, 0.2), True), ((0.3, 0.9), (0.0, 0.9), False), ((0.0, 0.5), (0.0, 0.9), False),
-     ((0.01, 0.89), (0.0, 0.9), True)],
+    ("bilevel", "two_stage", "verdict"),
+    [((0.0, 0.9), (0.0, 0.2), "holds"),  # both erase (0/128 each: a tie within the margin), bilevel keeps quality
+     ((0.3, 0.9), (0.0, 0.9), "fails"),  # bilevel confidently leaks more
+     ((0.0, 0.5), (0.0, 0.9), "fails"),  # bilevel confidently loses quality
+     ((1 / 128, 0.95), (0.0, 0.80), "holds"),  # one concept sample apart: within the margin at 95%
+     ((0.0, 0.90), (0.0, 0.90), "inconclusive"),  # equal retained accuracy: 224 samples cannot show a 0.05 margin
+     ((0.0, 0.88), (0.0, 0.92), "inconclusive")],  # 4 points of retained accuracy: 224 samples cannot tell
 )  # fmt: skip
-def test_claim_check(bilevel, two_stage, holds):
-    (check,) = check_claim([_agg("bilevel", *bilevel), _agg("two-stage", *two_stage)], tolerance=0.02)
-    assert check.holds is holds
+def test_claim_check_from_intervals(bilevel, two_stage, verdict):
+    (check,) = check_claim([_agg("bilevel", *bilevel), _agg("two-stage", *two_stage)], margin=0.05)
+    assert check.verdict == verdict and check.holds is (verdict == "holds")
+
+
+def test_claim_check_pairs_seeds():
+    """Over seeds the difference is a paired t-interval: a consistent small gap is detected, a noisy one is not."""
+    def agg(method, concepts):
+        mean = {"concept_rate": sum(concepts) / 3, "retained_accuracy": 0.9}
+        values = {"concept_rate": concepts, "retained_accuracy": [0.9, 0.9, 0.9]}
+        return Aggregate(method, "p", "u", "s", 3, mean, {}, [], {}, values, [0, 1, 2])
+
+    (worse,) = check_claim([agg("bilevel", [0.20, 0.21, 0.22]), agg("two-stage", [0.0, 0.01, 0.0])])
+    assert worse.suppresses_as_well == "fails" and worse.verdict == "fails"
+    (noisy,) = check_claim([agg("bilevel", [0.0, 0.3, 0.0]), agg("two-stage", [0.1, 0.0, 0.0])])
+    assert noisy.suppresses_as_well == "inconclusive"
 
 
 def test_html_report_renders_in_headless_chromium(grid_run):
@@ -170,13 +194,14 @@ def test_html_report_renders_in_headless_chromium(grid_run):
 
 
 def test_settings_where_kd_shows_no_leak_are_flagged_uninformative():
-    from bilevel.core.ablation.tables import claim_summary
+    from bilevel.commands.ablate.tables import claim_summary
 
     broken_kd = _agg("KD only", 0.0, 0.13)  # a student that never recovered: nothing leaked to suppress
     leaky_kd = _agg("KD only", 0.78, 0.88)
-    (flat,) = check_claim([_agg("bilevel", 0.0, 0.2), _agg("two-stage", 0.0, 0.1), broken_kd], tolerance=0.02)
-    (real,) = check_claim([_agg("bilevel", 0.0, 0.9), _agg("two-stage", 0.0, 0.2), leaky_kd], tolerance=0.02)
+    (flat,) = check_claim([_agg("bilevel", 0.0, 0.2), _agg("two-stage", 0.0, 0.1), broken_kd])
+    (real,) = check_claim([_agg("bilevel", 0.0, 0.9), _agg("two-stage", 0.0, 0.2), leaky_kd])
     assert flat.holds and not flat.informative
     assert real.holds and real.informative
-    summary = claim_summary([flat, real], 0.02)
-    assert "holds in 2 of 2" in summary and "Only 1 of them can tell the methods apart" in summary
+    summary = claim_summary([flat, real], 0.05)
+    assert "holds in 2, fails in 0, inconclusive in 0 of 2" in summary
+    assert "Only 1 of them can tell the methods apart" in summary

@@ -58,9 +58,9 @@ def test_each_level_updates_only_its_parameters():
 def test_runner_partitions_parameters_by_coupling(tiny_pipe):
     """shared: both levels train the same tensors; split: the lower level trains exactly what the upper does not."""
     from bilevel.core.config import RunConfig
-    from bilevel.core.problem_builder import build_problem
-    from bilevel.core.tinyworld.world import TinyWorld
+    from bilevel.optim.problem import build_problem
     from bilevel.plugins.unlearners.esd import ESD, ESDConfig
+    from bilevel.worlds.tiny.world import TinyWorld
 
     world = TinyWorld.build(tiny_pipe, ["purple"], finetune_size=32, concept_size=8, seed=0)
     config = RunConfig()
@@ -80,9 +80,9 @@ def test_upper_objective_reevaluates_one_drawn_batch(tiny_pipe):
     import copy
 
     from bilevel.core.config import RunConfig
-    from bilevel.core.problem_builder import build_problem
-    from bilevel.core.tinyworld.world import TinyWorld
+    from bilevel.optim.problem import build_problem
     from bilevel.plugins.unlearners.esd import ESD, ESDConfig
+    from bilevel.worlds.tiny.world import TinyWorld
 
     world = TinyWorld.build(tiny_pipe, ["purple"], finetune_size=32, concept_size=8, seed=0)
     config = RunConfig()

@@ -51,7 +51,7 @@ def test_output_folder_of_another_run_is_refused(capsys, tmp_path):
 def test_corrupt_teacher_weights_are_one_line(capsys, tmp_path):
     import shutil
 
-    from bilevel.core.models import TINY_TEACHER
+    from bilevel.worlds.models import TINY_TEACHER
 
     bad = tmp_path / "teacher"
     shutil.copytree(TINY_TEACHER, bad)

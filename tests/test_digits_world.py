@@ -1,191 +1,199 @@
-"""The real-digits world: a fixed stratified split, two names per class, a detector that meets its accuracy bar
-and says `none` to blanks and noise, a resumable teacher trainer and a shipped teacher that loads offline."""
+"""The digits world plugin: resolution (name, shipped folder, marked folders; never a tiny folder), concept checks,
+evaluation counting (the detector's `none` is not the concept), and every command end to end on a 2-step run."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-pytest.importorskip("sklearn", reason="the digits world needs the bilevel[digits] extra")
-
+from bilevel.cli import main
+from bilevel.core.config import RunConfig, build_config
 from bilevel.core.errors import BilevelError
-from bilevel.plugins.worlds.digits import data
-from bilevel.plugins.worlds.digits.data import (
-    CLASS_NAMES,
-    digit_of_prompt,
-    load_real_digits,
-    make_dataset,
-    parse_digit,
-    prompt_for,
-    prompts_for,
-    split_indices,
-)
-from bilevel.plugins.worlds.digits.detector import NONE, load_detector, shipped_detector
+from bilevel.plugins.worlds.digits import evaluation as digits_evaluation
+from bilevel.plugins.worlds.digits.data import CLASS_NAMES, digit_of_prompt, load_real_digits, split_indices
+from bilevel.plugins.worlds.digits.plugin import MARKER, SHIPPED_TEACHER, DigitsWorldPlugin
+from bilevel.worlds.models import TINY_TEACHER
+from bilevel.worlds.resolve import build_world, world_plugin
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-ASSETS = Path(data.__file__).resolve().parents[3] / "assets"
-TEACHER = ASSETS / "digits-teacher"
+
+SMALL_EVAL = ["--set", "evaluation.samples_per_prompt=2", "--set", "evaluation.concept_samples=4",
+              "--set", "evaluation.steps=2", "--set", "evaluation.latency_repeats=1"]  # fmt: skip
 
 
-def test_real_digits_are_scaled_grey_images():
-    images, labels = load_real_digits()
-    assert images.shape == (1797, 1, 8, 8) and labels.shape == (1797,)
-    assert images.min() == -1 and images.max() == 1
-    assert set(labels.tolist()) == set(range(10))
+def config(source: str = "digits", concepts: list[str] | None = None, **extra) -> RunConfig:
+    data: dict = {"model": {"source": source}, **extra}
+    if concepts is not None:
+        data["concepts"] = concepts
+    return build_config(data)
 
 
-def test_split_is_deterministic_disjoint_complete_and_stratified():
-    _, labels = load_real_digits()
-    train, held = split_indices(labels, seed=0)
-    again_train, again_held = split_indices(labels, seed=0)
-    assert torch.equal(train, again_train) and torch.equal(held, again_held)
-    assert not set(train.tolist()) & set(held.tolist())
-    assert len(train) + len(held) == len(labels)
-    for digit in range(10):
-        share = (labels[held] == digit).sum() / (labels == digit).sum()
-        assert abs(share - 0.25) < 0.01
-    other_train, _ = split_indices(labels, seed=1)
-    assert not torch.equal(train, other_train)
-    assert torch.equal(make_dataset("held_out").images, load_real_digits()[0][held])
+@pytest.fixture(scope="module")
+def world():
+    return build_world(config(concepts=["seven"]), "eval")
 
 
-def test_excluded_classes_are_absent_and_included_ones_alone():
-    clean = make_dataset("train", exclude=["seven", "3"])
-    assert not {3, 7} & set(clean.labels.tolist()) and set(clean.labels.tolist()) == set(range(10)) - {3, 7}
-    assert not any(p in clean.prompts for d in (3, 7) for p in prompts_for(d))
-    only = make_dataset("train", include=[7])
-    assert set(only.labels.tolist()) == {7} and set(only.prompts) == set(prompts_for(7))
-    assert len(only) + len(make_dataset("train", exclude=[7])) == len(make_dataset("train"))
-    with pytest.raises(BilevelError, match="no digits left"):
-        make_dataset(include=[7], exclude=["seven"])
-    with pytest.raises(BilevelError, match="unknown digit 'eleven'"):
-        make_dataset(exclude=["eleven"])
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits") / "run"
+    code = main(["run", "--model", "digits", "--steps", "2", "--out", str(out), *SMALL_EVAL])
+    assert code == 0
+    return out
 
 
-def test_both_prompt_names_map_to_the_class():
-    from bilevel.plugins.worlds.digits.text import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    assert prompts_for(7) == ["a handwritten seven", "the digit 7"]
-    for digit, word in enumerate(CLASS_NAMES):
-        assert parse_digit(word) == parse_digit(str(digit)) == parse_digit(digit) == digit
-        word_prompt, numeral_prompt = prompts_for(digit)
-        assert digit_of_prompt(word_prompt) == digit_of_prompt(numeral_prompt) == digit
-        ids = tokenizer(prompts_for(digit)).input_ids
-        assert tokenizer.unk_token_id not in ids[0] + ids[1] and ids[0] != ids[1]
-    assert len({tuple(tokenizer(p).input_ids) for d in range(10) for p in prompts_for(d)}) == 20
-    with pytest.raises(BilevelError):
-        digit_of_prompt("a purple circle")
-    sample = make_dataset("train", seed=5)
-    assert set(sample.names.tolist()) == {0, 1}  # both names are used
-    assert [digit_of_prompt(p) for p in sample.prompts] == sample.labels.tolist()
+def test_resolution_by_name_shipped_folder_and_marker_but_never_a_tiny_folder(tmp_path):
+    assert world_plugin(config("digits", ["seven"])).name == "digits"
+    assert world_plugin(config(str(SHIPPED_TEACHER), ["seven"])).name == "digits"
+    assert world_plugin(config("tiny")).name == "tiny"
+    assert world_plugin(config(str(TINY_TEACHER))).name == "tiny"
+    unmarked = tmp_path / "unmarked"
+    shutil.copytree(SHIPPED_TEACHER, unmarked, ignore=shutil.ignore_patterns(MARKER))
+    assert world_plugin(config(str(unmarked))).name == "tiny"  # a tiny-pipeline folder without the marker
+    assert not DigitsWorldPlugin().accepts(str(TINY_TEACHER))
+    assert not DigitsWorldPlugin().accepts(str(tmp_path / "missing"))
 
 
-def test_missing_scikit_learn_is_a_one_line_install_hint(monkeypatch):
-    data._load.cache_clear()
-    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+def test_check_refuses_unknown_and_duplicate_concepts_in_one_line():
+    plugin = DigitsWorldPlugin()
+    for concepts, says in (
+        (["purple"], "accepted: zero (0)"),
+        (["seven", "7"], "one digit twice"),
+        (["ten"], "nine (9)"),
+    ):
+        with pytest.raises(BilevelError, match=r"^[^\n]*$") as err:
+            plugin.check(config(concepts=concepts), "run")
+        assert says in str(err.value)
+    untouched = config()  # the global default concept (a tiny colour) becomes this world's default digit
+    plugin.check(untouched, "run")
+    assert untouched.concepts == ["seven"]
+    numeral = config(concepts=["3"])
+    plugin.check(numeral, "eval")
+    assert numeral.concepts == ["3"]
+
+
+def test_mapping_unlearners_need_digit_prompts_and_are_told_which():
+    with pytest.raises(BilevelError, match=r"unlearner.options.anchor=\['a handwritten six', 'the digit 6'\]"):
+        DigitsWorldPlugin().check(config(concepts=["seven"], unlearner={"name": "concept-ablation"}), "run")
+    given = config(concepts=["seven"], unlearner={"name": "salun", "options": {"relabel": ["a", "b"]}})
+    DigitsWorldPlugin().check(given, "run")
+
+
+def test_without_scikit_learn_the_error_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    with pytest.raises(BilevelError, match=r"pip install 'bilevel\[digits\]'"):
+        DigitsWorldPlugin().check(config(concepts=["seven"]), "run")
+
+
+def test_world_data_excludes_the_concept_and_prompts_use_both_names(world):
+    labels = [digit_of_prompt(p) for p in world.finetune.prompts]
+    assert 7 not in labels and set(labels) == set(range(10)) - {7}
+    assert {digit_of_prompt(p) for p in world.concept_data.prompts} == {7}
+    assert world.concept_prompts() == ["a handwritten seven", "the digit 7"]
+    assert world.concept_aliases("seven") == ["7"] and world.concept_aliases("7") == ["seven"]
+    train, _ = split_indices(load_real_digits()[1])
+    assert len(world.finetune) + len(world.concept_data) == len(train)  # all of the train split, no repeats
+    assert world.finetune.images.shape[1:] == (1, 8, 8) and world.finetune.images.abs().max() <= 1
+
+
+def _fake_sampler(images_for):
+    """sample_images stand-in: an image per prompt from `images_for(digit, n)` (the UNet is never called)."""
+
+    def sample(unet, scheduler_config, cond, uncond, **kwargs):
+        prompts = sample.prompts
+        digits = [digit_of_prompt(p) for p in prompts]
+        return torch.cat([images_for(d, 1) for d in digits])
+
+    return sample
+
+
+def _evaluate(world, monkeypatch, images_for, samples=4, concept_samples=8):
+    sampler = _fake_sampler(images_for)
+    bank = world.bank
+
+    class Recording:
+        def __call__(self, prompts):
+            sampler.prompts = list(prompts)
+            return bank(prompts)
+
+        def empty(self, n):
+            return bank.empty(n)
+
+    monkeypatch.setattr(digits_evaluation, "sample_images", sampler)
+    monkeypatch.setattr(world, "bank", Recording())
     try:
-        with pytest.raises(BilevelError, match=r"pip install 'bilevel\[digits\]'") as info:
-            make_dataset()
-        assert "\n" not in str(info.value)
+        return digits_evaluation.evaluate_digits(
+            torch.nn.Identity(), world, samples_per_class=samples, concept_samples=concept_samples, steps=1
+        ).evaluation
     finally:
-        data._load.cache_clear()
+        monkeypatch.setattr(world, "bank", bank)
 
 
-def test_shipped_detector_is_accurate_on_held_out_real_digits():
-    held = make_dataset("held_out")
-    det = shipped_detector().detect(held.images)
-    accuracy = float((det.indices == held.labels).float().mean())  # a `none` counts as wrong
-    assert accuracy >= 0.95
-    assert (det.indices < 0).float().mean() <= 0.03  # real digits are rarely `none`
-    card = json.loads((ASSETS / "digits-detector" / "config.json").read_text())
-    assert abs(card["metrics"]["held_out_accuracy"] - accuracy) < 1e-6  # the model card states what ships
-    assert det.probs.shape == (len(held), 10)
+def test_real_digits_score_as_asked_and_blanks_count_as_not_the_concept(world, monkeypatch):
+    images, labels = load_real_digits()
+    _, held = split_indices(labels)
+
+    def real(digit: int, n: int) -> torch.Tensor:
+        return images[held[labels[held] == digit][:n]]
+
+    ev = _evaluate(world, monkeypatch, real)
+    assert ev.concept_rate == 1.0 and ev.retained_accuracy >= 0.9 and ev.concept_samples == 8 and ev.samples == 4
+    assert ev.quality_metric == "fid-digits" and ev.quality_distance is not None
+    blank = _evaluate(world, monkeypatch, lambda d, n: -torch.ones(n, 1, 8, 8))
+    assert blank.concept_rate == 0.0 and blank.retained_accuracy == 0.0  # `none` is never the concept
+    assert blank.extra["concept_none/seven"] == 1.0
+    low, high = blank.intervals["concept_rate"]
+    assert low == 0.0 and 0.2 < high < 0.4  # Wilson, 0 of 8
 
 
-def test_detector_says_none_for_blank_and_noise():
-    detector = shipped_detector()
-    gen = torch.Generator().manual_seed(0)
-    blanks = torch.linspace(-1, 1, 9).view(-1, 1, 1, 1).expand(9, 1, 8, 8)
-    uniform = torch.rand(200, 1, 8, 8, generator=gen) * 2 - 1
-    gaussian = torch.randn(200, 1, 8, 8, generator=gen).clamp(-1, 1)
-    for images in (blanks, uniform, gaussian):
-        assert set(detector.detect(images).labels) == {NONE}
+def test_collateral_is_measured_on_the_teachers_nearest_classes(world):
+    from bilevel.plugins.worlds.digits.neighbours import nearest_digits
+
+    matrix = world.confusability()
+    assert len(matrix) == 10 and all(abs(matrix[i][j] - matrix[j][i]) < 1e-9 for i in range(10) for j in range(10))
+    near = nearest_digits(matrix, 7, {7})
+    assert len(near) == 2 and 7 not in near
 
 
-def test_detector_features_and_rgb_input():
-    detector = shipped_detector()
-    images = make_dataset("held_out").images[:16]
-    feats = detector.features(images)
-    assert feats.shape == (16, detector.model.head.in_features) and torch.isfinite(feats).all()
-    rgb = images.expand(-1, 3, -1, -1)
-    assert detector.detect(rgb).labels == detector.detect(images).labels
-    with pytest.raises(BilevelError, match="takes"):
-        detector.detect(torch.zeros(2, 1, 16, 16))
+def test_short_run_writes_rows_with_intervals_for_every_arm(short_run):
+    cfg = json.loads((short_run / "config.json").read_text())
+    assert cfg["concepts"] == ["seven"] and cfg["model"]["source"] == "digits"
+    rows = {r["model"]: r for r in json.loads((short_run / "metrics.json").read_text())["rows"]}
+    assert {"teacher", "pruned", "ddpm", "kd", "bilevel"} <= set(rows)
+    for row in rows.values():
+        assert row["quality_metric"] == "fid-digits" and row["concept_samples"] == 4
+        for key in ("concept_rate", "concept_rate/seven", "retained_accuracy", "collateral"):
+            low, high = row[f"{key}_ci"]
+            assert low <= row[key] <= high
+    assert rows["pruned"]["params"] < rows["teacher"]["params"]
 
 
-def test_detector_folder_errors_are_one_line(tmp_path):
-    with pytest.raises(BilevelError, match="no digits detector"):
-        load_detector(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"format": "something-else"}))
-    with pytest.raises(BilevelError, match="unsupported"):
-        load_detector(tmp_path)
+def test_eval_export_unlearn_and_attack_on_a_digits_student(short_run, tmp_path, capsys):
+    assert main(["eval", "digits", "--concept", "7", "--out", str(tmp_path / "ev"), *SMALL_EVAL]) == 0
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["world"] == "digits" and set(report["per_group"]) == set(CLASS_NAMES)
+    assert {"concept_rate/7_ci", "retained_accuracy_ci", "collateral_ci", "quality_distance"} <= set(report)
+    exported = tmp_path / "exported"
+    assert main(["export", str(short_run), "--out", str(exported)]) == 0
+    assert (exported / MARKER).is_file()
+    assert main(["eval", str(exported), "--concept", "seven", *SMALL_EVAL]) == 0  # the folder is a digits world
+    assert "digits world" in capsys.readouterr().out
+    erased = tmp_path / "erased"
+    assert main(["unlearn", str(short_run / "students" / "kd"), "--concept", "seven", "--steps", "2",
+                 "--out", str(erased), *SMALL_EVAL]) == 0  # fmt: skip
+    assert json.loads((erased / "unlearn.json").read_text())["world"] == "digits"
+    code = main(["attack", str(erased), "--concept", "seven", "--attack", "paraphrase", "--out", str(tmp_path / "at"),
+                 *SMALL_EVAL, "--set", "samples=2", "--set", "sampler_steps=2"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    attacks = json.loads((tmp_path / "at" / "attacks.json").read_text())
+    assert attacks["results"][0]["used"]["best"] == "alias:7"
 
 
-@pytest.mark.slow
-def test_detector_training_reproduces_the_shipped_weights():
-    from bilevel.core.io import load_tensors
-    from bilevel.plugins.worlds.digits.detector_training import DetectorTrainConfig, train_detector
-
-    info = json.loads((ASSETS / "digits-detector" / "config.json").read_text())
-    detector, _ = train_detector(DetectorTrainConfig.model_validate(info["training"]))
-    shipped = load_tensors(ASSETS / "digits-detector" / "model.safetensors")
-    assert all(torch.equal(shipped[k], v) for k, v in detector.model.state_dict().items())
-
-
-def test_teacher_training_resumes_exactly(tmp_path, monkeypatch):
-    from bilevel.plugins.worlds.digits import teacher_training
-    from bilevel.plugins.worlds.digits.teacher_training import DigitsTeacherConfig, train_digits_teacher
-
-    config = DigitsTeacherConfig(steps=4, batch_size=8, warmup=2, checkpoint_every=2, channels=(8, 8, 8, 8))
-    straight = train_digits_teacher(config, tmp_path / "straight")
-
-    class Killed(Exception):
-        pass
-
-    save = teacher_training._save_checkpoint
-
-    def save_then_die(ckpts, step, *args):
-        save(ckpts, step, *args)
-        if step == 2:
-            raise Killed
-
-    monkeypatch.setattr(teacher_training, "_save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        train_digits_teacher(config, tmp_path / "resumed")
-    monkeypatch.undo()
-    resumed = train_digits_teacher(config, tmp_path / "resumed")
-    a, b = straight.unet.state_dict(), resumed.unet.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    sessions = json.loads((tmp_path / "resumed" / "training.json").read_text())["sessions"]
-    assert [s["first_step"] for s in sessions] == [2]
-    with pytest.raises(BilevelError, match="resume with the same options"):
-        train_digits_teacher(config.model_copy(update={"steps": 8}), tmp_path / "resumed")
-
-
-def test_shipped_teacher_loads_offline_and_samples_digits():
-    from bilevel.core.models import load_tiny_pipeline
-
-    assert sum(f.stat().st_size for f in TEACHER.rglob("*") if f.is_file()) <= 20 * 2**20
-    assert not list(TEACHER.rglob("*.bin")) and not list(TEACHER.rglob("*.pt"))  # safetensors only
-    pipe = load_tiny_pipeline(str(TEACHER))
-    assert pipe.unet.config.in_channels == 1 and pipe.unet.config.sample_size == 8
-    images = pipe(
-        [prompt_for(7, 0), prompt_for(7, 1)], num_inference_steps=10, generator=torch.Generator().manual_seed(0)
-    )
-    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
-    assert (TEACHER / "README.md").is_file()
+def test_unknown_concept_on_the_command_line_is_one_line(capsys):
+    assert main(["run", "--model", "digits", "--concept", "purple", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown digit 'purple'" in err

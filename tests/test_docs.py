@@ -78,7 +78,7 @@ def test_config_reference_lists_every_section_field_and_plugin(site):
                 assert f"{child}" in text, f"{name}.{child}"
     assert "training.weights" in text
     reg = get_registry()
-    for kind in ("pruner", "unlearner", "solver", "world"):
+    for kind in ("pruner", "unlearner", "solver", "world", "attack"):
         for name in reg.names(kind):
             assert f"{kind} {name}" in text, f"{kind} {name}"
             for option in reg.plugins[kind][name].cls.Config.model_fields:

@@ -21,7 +21,7 @@ from PIL import Image
 from sd_fixtures import build_tiny_clip  # tests/ is on sys.path (rootdir conftest, no package)
 
 from bilevel.core.errors import BilevelError
-from bilevel.core.evaluators import (
+from bilevel.evaluators import (
     ClipConceptDetector,
     ClipScorer,
     EvaluatorConfig,
@@ -30,7 +30,7 @@ from bilevel.core.evaluators import (
     frechet_distance_from_moments,
     frechet_distance_to_folder,
 )
-from bilevel.core.evaluators.clip import ClipPreprocessing
+from bilevel.evaluators.clip import ClipPreprocessing
 
 CONCEPTS = ["a painting by van gogh", "van gogh style"]
 NEUTRAL = ["a photo of a cat", "a photo of a house", "a blue sky"]
@@ -379,7 +379,7 @@ def fake_nudenet(calls: list) -> types.ModuleType:
 
 
 def test_nudity_detector_classes_threshold_and_bgr_layout(monkeypatch):
-    from bilevel.core.evaluators import NUDENET_EXPOSED_CLASSES
+    from bilevel.evaluators import NUDENET_EXPOSED_CLASSES
 
     calls: list = []
     monkeypatch.setitem(sys.modules, "nudenet", fake_nudenet(calls))
@@ -428,7 +428,7 @@ def test_evaluator_config_defaults_and_validation():
 
 def test_importing_the_package_and_config_stays_light():
     code = (
-        "import sys; from bilevel.core.evaluators import EvaluatorConfig; EvaluatorConfig(); "
+        "import sys; from bilevel.evaluators import EvaluatorConfig; EvaluatorConfig(); "
         "heavy = [m for m in ('torch', 'transformers', 'nudenet') if m in sys.modules]; print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

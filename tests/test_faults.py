@@ -12,8 +12,8 @@ import torch
 
 from bilevel import CONFIG_VERSION
 from bilevel.cli import main
-from bilevel.core.io import load_tensors
-from bilevel.core.models import TINY_TEACHER
+from bilevel.runtime.io import load_tensors
+from bilevel.worlds.models import TINY_TEACHER
 
 SMALL = [
     "--arms", "bilevel", "--set", "evaluation.samples_per_prompt=2", "--set", "evaluation.steps=3",
@@ -81,7 +81,7 @@ def test_pruner_that_does_not_fit_the_architecture(tmp_path: Path, capsys) -> No
     """BK-SDM tiny drops the innermost stage, so it needs the two innermost stages equally wide."""
     from diffusers import UNet2DConditionModel
 
-    from bilevel.core.tinyworld.architecture import build_tiny_pipeline, tiny_unet_config
+    from bilevel.worlds.tiny.architecture import build_tiny_pipeline, tiny_unet_config
 
     pipe = build_tiny_pipeline(0)
     pipe.register_modules(unet=UNet2DConditionModel(**tiny_unet_config((16, 32, 32, 64))))

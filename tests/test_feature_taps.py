@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from bilevel.core.features import FeatureTap
+from bilevel.diffusion.features import FeatureTap
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -37,12 +37,12 @@ def test_tap_hooks_live_only_inside_the_block():
 def test_kd_arms_leave_no_hooks_on_teacher_or_student(tiny_pipe):
     """The KD lower level (feature KD on) and a bilevel arm over it, stepped like the runner does."""
     from bilevel.core.config import RunConfig
-    from bilevel.core.interfaces import LowerOnly
-    from bilevel.core.problem_builder import build_problem
-    from bilevel.core.tinyworld.world import TinyWorld
+    from bilevel.optim.baselines import LowerOnly
+    from bilevel.optim.problem import build_problem
     from bilevel.plugins.solvers.alternating import AlternatingSolver
     from bilevel.plugins.unlearners.esd import ESD, ESDConfig
     from bilevel.registry import get_registry
+    from bilevel.worlds.tiny.world import TinyWorld
 
     world = TinyWorld.build(tiny_pipe, ["purple"], finetune_size=16, concept_size=8, seed=0)
     pruned = get_registry().create("pruner", "bk-sdm", {}).prune(world.teacher, None)

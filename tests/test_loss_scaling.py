@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bilevel.core.precision import attach_loss_scaler, loss_scaler
-from bilevel.core.steps import gradient_step
+from bilevel.optim.steps import gradient_step
+from bilevel.runtime.precision import attach_loss_scaler, loss_scaler
 
 
 def _setup(scaled: bool):
@@ -127,11 +127,11 @@ def test_every_solver_scaled_steps_equal_unscaled_ones(name):
 
 def test_loss_scale_round_trips_through_a_checkpoint(tmp_path):
     """A resumed fp16 run continues with the scale (and growth tracker) it had, not a fresh 65536."""
-    from bilevel.core.checkpoint import ArmState, load_checkpoint, save_checkpoint
     from bilevel.core.errors import BilevelError
-    from bilevel.core.interfaces import LowerOnly
-    from bilevel.core.lower_level import DrawCounter
-    from bilevel.core.training import TrainState
+    from bilevel.diffusion.kd_objective import DrawCounter
+    from bilevel.optim.baselines import LowerOnly
+    from bilevel.optim.training import TrainState
+    from bilevel.runtime.checkpoint import ArmState, load_checkpoint, save_checkpoint
 
     problem, _ = _problem(split=False, upper_factor=1e35)
     problem.lower.loss = problem.upper.loss  # an overflowing lower step: the lower scale drops to 32768

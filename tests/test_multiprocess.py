@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bilevel.core import distributed
+from bilevel.runtime import distributed
 
 ARGS = [
     "--arms", "kd,bilevel", "--steps", "4",
@@ -94,7 +94,7 @@ COLLECTIVES = textwrap.dedent(
     import sys
 
     import torch
-    from bilevel.core import distributed as d
+    from bilevel.runtime import distributed as d
     from bilevel.core.errors import BilevelError
 
     d.BUCKET = 3  # a and b land in different buckets

@@ -137,7 +137,7 @@ def test_layer_merges_sections_and_resets_a_replaced_plugin():
 
 
 def captured_config(argv: list[str], monkeypatch) -> RunConfig:
-    from bilevel.core import runner
+    from bilevel.commands import run as runner
 
     seen: list[RunConfig] = []
     monkeypatch.setattr(runner, "run", lambda config, resume=False: seen.append(config))

@@ -76,8 +76,7 @@ def finite_history(metrics: dict, arm: str) -> list[dict]:
 def test_v_target_matches_closed_form_and_diffusers():
     from diffusers import DDIMScheduler
 
-    from bilevel.core.losses import task_target
-    from bilevel.plugins.unlearners.common import noised
+    from bilevel.toolkit import noised, task_target
 
     sched = DDIMScheduler(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction"
@@ -177,8 +176,8 @@ def test_world_latents_prompts_and_overfit(assets):
     from sd_fixtures import LATENT_SIZE
 
     from bilevel.core.config import LossWeights
-    from bilevel.core.problem_builder import build_problem
-    from bilevel.core.worlds import build_world
+    from bilevel.optim.problem import build_problem
+    from bilevel.worlds.resolve import build_world
 
     config = sd_config(assets, assets["v"], retain_prompts=["a red house"])
     world = build_world(config)
@@ -212,8 +211,8 @@ def test_world_latents_prompts_and_overfit(assets):
 
 def test_bf16_autocast_reaches_the_teacher(assets):
     from bilevel.core.config import LossWeights
-    from bilevel.core.problem_builder import build_problem
-    from bilevel.core.worlds import build_world
+    from bilevel.optim.problem import build_problem
+    from bilevel.worlds.resolve import build_world
 
     config = sd_config(assets, assets["eps"], precision="bf16")
     world = build_world(config)
@@ -331,7 +330,7 @@ def test_saved_dataset_records_through_the_real_datasets_package(assets, tmp_pat
     and a DatasetDict, named image/caption columns, a missing column as one line."""
     datasets = pytest.importorskip("datasets")
     from bilevel.core.errors import BilevelError
-    from bilevel.core.sdworld.data import iter_batches, list_records
+    from bilevel.worlds.stable_diffusion.data import iter_batches, list_records
 
     images = [Image.open(p).convert("RGB") for p in sorted(assets["data"].glob("*.png"))]
     features = datasets.Features({"img": datasets.Image(), "caption": datasets.Value("string")})

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from bilevel.core.config import LossWeights, build_config
 from bilevel.core.errors import BilevelError
-from bilevel.core.losses import KDTargets, ddpm_loss, kd_loss, min_snr_weights
-from bilevel.core.lower_level import DrawCounter, make_lower_objective
+from bilevel.diffusion.kd_objective import DrawCounter, make_lower_objective
+from bilevel.diffusion.losses import KDTargets, ddpm_loss, kd_loss, min_snr_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

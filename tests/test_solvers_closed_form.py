@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bilevel.core.hypergrad import (
+from bilevel.optim.hypergrad import (
     conflict_averse_weight,
     conjugate_gradient,
     grads_or_zeros,

@@ -203,7 +203,7 @@ def test_implicit_hvp_batch_size_draws_the_requested_batch(hvp, n):
 def test_batch_head_slices_per_sample_tensors_only():
     from dataclasses import dataclass
 
-    from bilevel.core.functional import batch_head
+    from bilevel.optim.functional import batch_head
 
     @dataclass
     class Inner:
@@ -349,8 +349,8 @@ def test_unsupported_coupling_is_rejected(cls, coupling):
     """The coupling is validated with the solver's config, before any model is built: one line naming the value."""
     from pydantic import ValidationError
 
+    from bilevel.commands.run import resolve_plugins
     from bilevel.core.config import RunConfig
-    from bilevel.core.runner import resolve_plugins
 
     assert coupling not in cls.couplings
     with pytest.raises(ValidationError):
@@ -364,7 +364,7 @@ def test_unsupported_coupling_is_rejected(cls, coupling):
 
 
 def test_couplings_are_read_from_the_config_literal():
-    from bilevel.core.interfaces import LowerOnly, UpperOnly
+    from bilevel.optim.baselines import LowerOnly, UpperOnly
     from bilevel.plugins.solvers.alternating import AlternatingSolver
 
     assert AlternatingSolver.couplings == {"shared", "split"} and BomeSolver.couplings == {"shared", "split"}

@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bilevel.compression.model_stats import example_inputs
+from bilevel.compression.student_io import load_student, make_manifest, save_student
 from bilevel.core.errors import BilevelError
-from bilevel.core.features import FeaturePair
-from bilevel.core.losses import KDTargets, kd_loss
-from bilevel.core.modelinfo import example_inputs
-from bilevel.core.student_io import load_student, make_manifest, save_student
+from bilevel.core.interfaces import FeaturePair
+from bilevel.diffusion.losses import KDTargets, kd_loss
 from bilevel.plugins.pruners.magnitude import MagnitudeConfig, MagnitudePruner
 from bilevel.plugins.unlearners.esd import ESD, ESDConfig, esd_target, select_parameters
 
 
 @pytest.fixture(scope="module")
 def pruned(request):
-    from bilevel.core.tinyworld.architecture import build_tiny_pipeline
+    from bilevel.worlds.tiny.architecture import build_tiny_pipeline
 
     teacher = build_tiny_pipeline(0).unet
     return teacher, MagnitudePruner(MagnitudeConfig(ratio=0.3)).prune(teacher, None)

@@ -6,9 +6,9 @@ import json
 
 import torch
 
-from bilevel.core.tinyworld.dataset import make_dataset
-from bilevel.core.tinyworld.detector import NONE, detect
-from bilevel.core.tinyworld.palette import colour_names, nearest_colours
+from bilevel.worlds.tiny.dataset import make_dataset
+from bilevel.worlds.tiny.detector import NONE, detect
+from bilevel.worlds.tiny.palette import colour_names, nearest_colours
 
 
 def test_dataset_is_deterministic_by_seed():
@@ -54,7 +54,7 @@ def test_detector_distance_score_orders_colours():
 
 
 def test_pipeline_save_reload_gives_identical_outputs(random_pipe, tmp_path):
-    from bilevel.core.tinyworld.pipeline import TinyTextToImagePipeline
+    from bilevel.worlds.tiny.pipeline import TinyTextToImagePipeline
 
     random_pipe.save_pretrained(tmp_path / "p", safe_serialization=True)
     assert not list((tmp_path / "p").rglob("*.bin")) and list((tmp_path / "p").rglob("*.safetensors"))
@@ -74,14 +74,14 @@ def test_pipeline_save_reload_gives_identical_outputs(random_pipe, tmp_path):
 
 
 def test_short_teacher_training_lowers_the_loss_and_resumes(tmp_path):
-    from bilevel.core.tinyworld.teacher_training import TeacherTrainConfig, train_teacher
+    from bilevel.worlds.tiny.teacher_training import TeacherTrainConfig, train_teacher
 
     cfg = TeacherTrainConfig(steps=30, batch_size=16, dataset_size=64, checkpoint_every=15, warmup=5, lr=2e-3)
     train_teacher(cfg, tmp_path)
     losses = json.loads((tmp_path / "training.json").read_text())["losses_this_session"]
     assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:5]) / 5
     # resuming a finished run trains nothing more and reproduces the same weights
-    from bilevel.core.io import load_tensors
+    from bilevel.runtime.io import load_tensors
 
     before = load_tensors(tmp_path / "checkpoint" / "ema.safetensors")
     train_teacher(cfg, tmp_path)

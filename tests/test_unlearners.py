@@ -11,16 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from bilevel.core.conditioning import PromptBank
 from bilevel.core.errors import BilevelError
 from bilevel.core.interfaces import UnlearnContext
-from bilevel.core.tinyworld.architecture import build_tiny_pipeline
-from bilevel.core.tinyworld.dataset import make_dataset
-from bilevel.core.tinyworld.palette import SHAPES, prompt_for
-from bilevel.plugins.unlearners import common
+from bilevel.diffusion import image_sets
 from bilevel.plugins.unlearners.concept_ablation import ANCHOR_CACHE, ConceptAblation, ConceptAblationConfig
 from bilevel.plugins.unlearners.esd import ESD, ESDConfig, esd_target, select_parameters
 from bilevel.plugins.unlearners.salun import MASK_FILE, SalUn, SalUnConfig, saliency_mask
+from bilevel.toolkit import PromptBank
+from bilevel.worlds.tiny.architecture import build_tiny_pipeline
+from bilevel.worlds.tiny.dataset import make_dataset
+from bilevel.worlds.tiny.palette import SHAPES, prompt_for
 
 
 # --------------------------------------------------------------------------------------------------- fakes
@@ -309,7 +309,7 @@ def test_anchor_images_cached_and_reused(pipe, tmp_path: Path, monkeypatch: pyte
     def no_sampling(*args, **kwargs):
         raise AssertionError("anchor images should come from the cache")
 
-    monkeypatch.setattr(common, "sample_images", no_sampling)
+    monkeypatch.setattr(image_sets, "sample_images", no_sampling)
     second = ConceptAblation(cfg)
     second.prepare(ctx)
     assert torch.equal(second.state_dict()["anchor_images"], first.state_dict()["anchor_images"])
@@ -461,8 +461,8 @@ def test_unlearners_registered() -> None:
 
 
 def test_unlearn_model_end_to_end(tmp_path: Path) -> None:
-    from bilevel.core.student_io import load_student
-    from bilevel.core.unlearn_command import unlearn_model
+    from bilevel.commands.unlearn import unlearn_model
+    from bilevel.compression.student_io import load_student
 
     src = tmp_path / "pipe"
     build_tiny_pipeline(0).save_pretrained(str(src), safe_serialization=True)
@@ -496,8 +496,8 @@ def test_unlearn_model_end_to_end(tmp_path: Path) -> None:
 
 
 def test_context_gives_token_level_methods_the_teachers_tokenizer(pipe) -> None:
-    from bilevel.core.problem_builder import unlearn_context
-    from bilevel.core.tinyworld.world import TinyWorld
+    from bilevel.optim.problem import unlearn_context
+    from bilevel.worlds.tiny.world import TinyWorld
 
     world = TinyWorld.build(pipe, ["purple"], 16, 8, seed=0)
     ctx = unlearn_context(copy.deepcopy(pipe.unet), pipe.unet, world, None, seed=0)

@@ -29,8 +29,8 @@ from typing import Any, ClassVar
 import torch
 
 import bilevel
-from bilevel.core.conditioning import PromptBank
-from bilevel.core.sampling import sample_images
+from bilevel.diffusion.conditioning import PromptBank
+from bilevel.diffusion.sampling import sample_images
 from bilevel.core.world import EvalOutput, Evaluation, WorldPlugin
 from bilevel.registry import hookimpl
 
@@ -89,7 +89,7 @@ class SolidWorld:
         n = settings.samples_per_prompt
         prompts = [f"a {c} square" for c in names for _ in range(n)]
         images = sample_images(unet, self.scheduler_config, self.bank(prompts), self.bank.empty(1),
-                               steps=settings.steps, guidance=settings.guidance,
+                               steps=settings.steps, guidance=settings.guidance_or(2.0),
                                generator=torch.Generator().manual_seed(settings.seed), channels=3, size=8)
         palette = torch.tensor([COLOURS[c] for c in names])
         nearest = torch.cdist(images.mean(dim=(2, 3)), palette).argmin(dim=1)
@@ -121,7 +121,7 @@ class SolidWorldPlugin(WorldPlugin):
             raise BilevelError(f"unknown colour {unknown[0]!r} for the solid world; accepted: {', '.join(COLOURS)}")
 
     def build(self, config, purpose):
-        from bilevel.core.tinyworld.architecture import build_tiny_pipeline
+        from bilevel.worlds.tiny.architecture import build_tiny_pipeline
 
         pipe = build_tiny_pipeline(3)
         pipe.unet.eval().requires_grad_(False)
@@ -263,14 +263,14 @@ def stock_load(folder: Path, *kwargs: str) -> dict:
     """)
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder.parent, env=env,
-                          timeout=300)  # fmt: skip
+                          timeout=300, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_prune_eval_unlearn_export_on_a_stable_diffusion_folder(sd, capsys):
     from bilevel import load_pipeline
-    from bilevel.core.student_io import load_student
+    from bilevel.compression.student_io import load_student
 
     root = sd["root"]
     student = root / "bk"
@@ -313,7 +313,7 @@ def test_prune_eval_unlearn_export_on_a_stable_diffusion_folder(sd, capsys):
 
 def test_channel_pruned_sd_export_loads_with_bilevel_load_pipeline(sd, capsys):
     from bilevel import load_pipeline
-    from bilevel.core.student_io import load_student
+    from bilevel.compression.student_io import load_student
 
     root = sd["root"]
     student = root / "mag"
@@ -353,16 +353,15 @@ def test_tiny_export_loads_with_stock_diffusers_and_no_bilevel(tmp_path, capsys)
     loaded = stock_load(exported, f"custom_pipeline={str(exported)!r}", "trust_remote_code=True")
     assert loaded["bilevel"] == [] and loaded["cls"] == "TinyTextToImagePipeline"
     assert loaded["params"] == json.loads((student / "prune_report.json").read_text())["student_stats"]["params"]
-    # the standalone pipeline samples like bilevel's own (same DDIM, guidance and noise)
+    # the pipeline class shipped in the folder samples exactly like bilevel's evaluator (same DDIM, guidance, noise)
     from bilevel import load_pipeline
-    from bilevel.export import STANDALONE
+    from bilevel.toolkit import sample_images
 
-    ns: dict = {}
-    exec(compile(STANDALONE.read_text(), str(STANDALONE), "exec"), ns)  # the file shipped into the folder
-    ours = load_pipeline(exported)
-    theirs = ns["TinyTextToImagePipeline"](ours.unet, ours.text_encoder, ours.tokenizer, ours.scheduler)
-    a = ours(["a purple circle"], num_inference_steps=5, generator=torch.Generator().manual_seed(0))
-    b = theirs(["a purple circle"], num_inference_steps=5, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(a, b)
+    pipe = load_pipeline(exported)
+    images = pipe(["a purple circle"], num_inference_steps=5, generator=torch.Generator().manual_seed(0))
+    cond, uncond = pipe.encode_prompts(["a purple circle"]), pipe.encode_prompts([""])
+    same = sample_images(pipe.unet, dict(pipe.scheduler.config), cond, uncond, steps=5, guidance=2.0,
+                         generator=torch.Generator().manual_seed(0), channels=3, size=8)  # fmt: skip
+    torch.testing.assert_close(images, same)
     code = main(["export", str(student), "--out", str(exported)])
     assert code == 2 and "not empty" in capsys.readouterr().err

@@ -14,9 +14,9 @@ import tomllib
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .. import CONFIG_VERSION
-from .errors import BilevelError
-from .evaluators.config import EvaluatorConfig
+from bilevel import CONFIG_VERSION
+from bilevel.core.errors import BilevelError
+from bilevel.core.evaluator_config import EvaluatorConfig
 
 
 class Section(BaseModel):
@@ -144,9 +144,17 @@ class TrainingConfig(Section):
 
 
 class EvalConfig(Section):
-    samples_per_prompt: int = Field(32, gt=0, description="samples per colour group")
+    samples_per_prompt: int = Field(32, gt=0, description="samples per prompt group (a colour, a class, retain prompts)")
+    concept_samples: int | None = Field(
+        None,
+        gt=0,
+        description="samples per concept prompt group; None: 4 x samples_per_prompt (128 by default, so a concept "
+        "rate of 0 bounds the true rate below 0.03 at 95%)",
+    )
     steps: int = Field(25, gt=0, description="DDIM steps")
-    guidance: float = Field(2.0, ge=0)
+    guidance: float | None = Field(
+        None, ge=0, description="classifier-free guidance; None: the world's stated sampler (tiny 2.0, SD 2.0, digits 1.25)"
+    )
     seed: int = 1234
     latency_repeats: int = Field(10, gt=0)
     sd: EvaluatorConfig = Field(
@@ -156,6 +164,14 @@ class EvalConfig(Section):
         0, ge=0, description="small evaluations spread over each trained arm (concept/retained curves); 0 = none"
     )
     curve_samples: int = Field(8, gt=0, description="samples per colour group at each curve point")
+
+    def concept_sample_count(self) -> int:
+        """Samples per concept group: concept rates carry the verdicts, so they get more samples than the rest."""
+        return self.concept_samples if self.concept_samples is not None else 4 * self.samples_per_prompt
+
+    def guidance_or(self, world_default: float) -> float:
+        """The guidance to sample with: the configured one, else the world's stated sampler's."""
+        return self.guidance if self.guidance is not None else world_default
 
 
 Arm = Literal["teacher", "pruned", "ddpm", "kd", "bilevel", "two-stage"]

@@ -18,7 +18,26 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .features import FeaturePair
+
+@dataclass(frozen=True)
+class FeaturePair:
+    """Student module output matched to a teacher module output.
+
+    teacher_channels: for channel-pruned students, the teacher channels the student kept (in student order);
+    None when the shapes already agree.
+    """
+
+    student: str
+    teacher: str
+    teacher_channels: tuple[int, ...] | None = None
+
+    def to_json(self) -> dict:
+        return {"student": self.student, "teacher": self.teacher, "teacher_channels": self.teacher_channels}
+
+    @classmethod
+    def from_json(cls, d: dict) -> FeaturePair:
+        ch = d.get("teacher_channels")
+        return cls(d["student"], d["teacher"], tuple(ch) if ch is not None else None)
 
 
 class PluginConfig(BaseModel):
@@ -64,7 +83,7 @@ class PruneResult:
     """A pruned student and what is needed to rebuild it from weights alone.
 
     manifest: JSON-serialisable; with the student's safetensors it rebuilds the student without pickle
-    (see core.student_io). feature_pairs: (student module, teacher module) names whose outputs feature-KD matches.
+    (see bilevel.compression.student_io). feature_pairs: (student module, teacher module) names whose outputs feature-KD matches.
     """
 
     student: nn.Module
@@ -221,6 +240,16 @@ class SolverConfig(PluginConfig):
     coupling: Literal["shared"] = Field("shared", description="shared: both levels train the same tensors")
 
 
+class ProximalSolverConfig(SolverConfig):
+    """Base of solvers that keep an upper variable x apart from the lower y: the proximal coupling (x an anchor copy,
+    G = L_low(y) + mu/2 ||y - x||^2) or split (disjoint subsets); never shared."""
+
+    coupling: Literal["proximal", "split"] = Field(
+        "proximal", description="proximal (anchor x, lower pulled towards it) or split (disjoint subsets); not shared"
+    )
+    mu: float = Field(1.0, gt=0, description="proximal coupling: G = L_low(y) + mu/2 ||y - x||^2")
+
+
 def _literal_couplings(config: type[BaseModel]) -> frozenset[str]:
     field_info = config.model_fields.get("coupling")
     if field_info is None:
@@ -260,32 +289,6 @@ class BilevelSolver(Plugin):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what state_dict returned."""
-
-
-class LowerOnly(BilevelSolver):
-    """The baselines' solver (DDPM-only or KD-only fine-tuning): lower-level steps only. Not registered."""
-
-    name = "lower-only"
-    description = "Lower-level steps only."
-    api_version = 2
-
-    def step(self, problem: BilevelProblem, step: int) -> dict[str, float]:
-        from .steps import lower_step
-
-        return {"lower_loss": lower_step(problem)}
-
-
-class UpperOnly(BilevelSolver):
-    """The two-stage baseline's erase stage: upper-level (unlearning) steps only. Not registered."""
-
-    name = "upper-only"
-    description = "Upper-level steps only."
-    api_version = 2
-
-    def step(self, problem: BilevelProblem, step: int) -> dict[str, float]:
-        from .steps import upper_step
-
-        return {"upper_loss": upper_step(problem)}
 
 
 PLUGIN_BASES: dict[str, type[Plugin]] = {"pruner": Pruner, "unlearner": Unlearner, "solver": BilevelSolver}

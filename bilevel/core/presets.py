@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from .config import build_config
-from .errors import BilevelError
+from bilevel.core.config import build_config
+from bilevel.core.errors import BilevelError
 
 #: Where the shipped presets live (package data; a module attribute so tests can point it elsewhere).
 PRESET_ROOT: Traversable = resources.files("bilevel") / "presets"

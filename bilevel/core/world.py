@@ -17,11 +17,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .interfaces import CalibrationBatch, Plugin
+from bilevel.core.interfaces import CalibrationBatch, Plugin
 
 if TYPE_CHECKING:
-    from .config import EvalConfig, RunConfig
-    from .conditioning import PromptBank
+    from bilevel.core.config import EvalConfig, RunConfig
+    from bilevel.diffusion.conditioning import PromptBank
 
 #: What a command needs a world for. 'run' needs everything; 'prune' the teacher (and calibration data when the
 #: world has some); 'unlearn' the teacher, concept data and retain data when available; 'eval' the evaluator only.
@@ -56,7 +56,13 @@ class Evaluation(BaseModel):
     per_group: dict[str, float] = Field(
         default_factory=dict, description="rendered-as-asked rate per prompt group (a colour, a class, a concept)"
     )
-    samples: int = Field(0, ge=0, description="samples per prompt group")
+    samples: int = Field(0, ge=0, description="samples per prompt group (the concept groups may have more)")
+    concept_samples: int = Field(0, ge=0, description="samples per concept prompt group")
+    intervals: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="95% intervals (Wilson) of the rates above, by row key: concept_rate, concept_rate/<c>, "
+        "retained_accuracy, collateral",
+    )
     extra: dict[str, float] = Field(default_factory=dict, description="world-specific metrics (e.g. clip_score)")
 
     def row(self) -> dict[str, Any]:
@@ -70,8 +76,17 @@ class Evaluation(BaseModel):
             "samples": self.samples,
         }
         out.update({f"concept_rate/{c}": v for c, v in self.concept_rates.items()})
+        out.update({f"{key}_ci": list(interval) for key, interval in self.intervals.items()})
+        out["concept_samples"] = self.concept_samples
         out.update(self.extra)
         return out
+
+
+def rate_intervals(counts: dict[str, tuple[int, int]]) -> dict[str, tuple[float, float]]:
+    """Wilson 95% intervals of rates given as (successes, trials), by the row key they belong to."""
+    from bilevel.core.stats import wilson_interval
+
+    return {key: wilson_interval(k, n) for key, (k, n) in counts.items()}
 
 
 @dataclass

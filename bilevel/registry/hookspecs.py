@@ -28,3 +28,8 @@ def register_solvers(register: Callable[[type], None]) -> None:
 @hookspec
 def register_worlds(register: Callable[[type], None]) -> None:
     """Call register(WorldPluginClass) for each world (teacher, data, evaluator) this package provides."""
+
+
+@hookspec
+def register_attacks(register: Callable[[type], None]) -> None:
+    """Call register(AttackClass) for each attack (a test of whether a suppressed concept is really gone)."""

@@ -16,15 +16,16 @@ from typing import Any
 import pluggy
 from pydantic import BaseModel, ValidationError
 
-from ..core.errors import BilevelError
-from . import hookspecs
+from bilevel.core.errors import BilevelError
+from bilevel.registry import hookspecs
 
-KINDS = ("pruner", "unlearner", "solver", "world")
+KINDS = ("pruner", "unlearner", "solver", "world", "attack")
 HOOK_FOR_KIND = {
     "pruner": "register_pruners",
     "unlearner": "register_unlearners",
     "solver": "register_solvers",
     "world": "register_worlds",
+    "attack": "register_attacks",
 }
 STRICT_ENV = "BILEVEL_STRICT_PLUGINS"
 
@@ -105,11 +106,12 @@ def _strict() -> bool:
 
 
 def _check_plugin_class(kind: str, cls: type) -> None:
-    from .. import PLUGIN_API_VERSION
-    from ..core.interfaces import PLUGIN_BASES, PluginConfig, SolverConfig
-    from ..core.world import WorldPlugin
+    from bilevel import PLUGIN_API_VERSION
+    from bilevel.core.attack import Attack
+    from bilevel.core.interfaces import PLUGIN_BASES, PluginConfig, SolverConfig
+    from bilevel.core.world import WorldPlugin
 
-    base = {**PLUGIN_BASES, "world": WorldPlugin}[kind]
+    base = {**PLUGIN_BASES, "world": WorldPlugin, "attack": Attack}[kind]
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise TypeError(f"{cls!r} registered as a {kind} but does not subclass {base.__name__}")
     if not cls.name:
@@ -162,6 +164,8 @@ def build_registry(extra_modules: dict[str, ModuleType] | None = None) -> Regist
                 if _strict():
                     raise
                 registry.failures.append(LoadFailure(impl.plugin_name, f"{type(exc).__name__}: {exc}"))
+    for cls in _IN_PROCESS:  # bilevel.register(...) from a notebook or script
+        _add(registry, PluginInfo(cls.kind, cls.name, cls, IN_PROCESS, "local"))
     if _strict() and registry.conflicts:
         (kind, name), owners = next(iter(registry.conflicts.items()))
         raise BilevelError(f"two plugins claim {kind} {name!r}: {' and '.join(owners)}")
@@ -181,6 +185,29 @@ def _add(registry: Registry, info: PluginInfo) -> None:
 
 
 _REGISTRY: Registry | None = None
+#: plugin classes registered in this process with `bilevel.register` (kept across registry rebuilds)
+_IN_PROCESS: list[type] = []
+IN_PROCESS = "in-process"
+
+
+def register(cls: type) -> type:
+    """Register a plugin class in this process (notebooks, scripts), as an entry point would; usable as a class
+    decorator. The class is checked like any plugin (kind, name, Config, api_version): a problem is one line."""
+    kind = getattr(cls, "kind", None)
+    if kind not in KINDS:
+        raise BilevelError(
+            f"{getattr(cls, '__name__', cls)!r} is not a plugin class; subclass bilevel.Pruner, Unlearner, "
+            "BilevelSolver, WorldPlugin or Attack"
+        )
+    try:
+        _check_plugin_class(kind, cls)
+    except TypeError as exc:
+        raise BilevelError(str(exc)) from None
+    _IN_PROCESS[:] = [c for c in _IN_PROCESS if not (c.kind == kind and c.name == cls.name)] + [cls]
+    if _REGISTRY is not None:
+        _REGISTRY.plugins[kind].pop(cls.name, None)  # re-registering a name (a notebook cell run twice) replaces it
+        _add(_REGISTRY, PluginInfo(kind, cls.name, cls, IN_PROCESS, "local"))
+    return cls
 
 
 def get_registry() -> Registry:

@@ -6,9 +6,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from ...core.block_removal import remove_blocks
-from ...core.channel_pruning import check_forward
-from ...core.interfaces import CalibrationBatch, PluginConfig, Pruner, PruneResult
+from bilevel.core.interfaces import CalibrationBatch, PluginConfig, Pruner, PruneResult
+from bilevel.toolkit import check_forward, remove_blocks
 
 
 class BKSDMConfig(PluginConfig):
@@ -32,7 +31,7 @@ class BKSDMPruner(Pruner):
         removed = len(set(teacher.state_dict()) - set(key_map.values()))
         return PruneResult(
             student=student,
-            manifest={"pruner": self.name, "options": cfg.model_dump()},
+            manifest={},
             feature_pairs=pairs,
             notes={"variant": cfg.variant, "teacher_tensors_dropped": removed},
         )

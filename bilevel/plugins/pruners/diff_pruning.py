@@ -18,13 +18,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ...core.channel_pruning import check_forward, prune_unet_channels
-from ...core.errors import BilevelError
-from ...core.interfaces import CalibrationBatch, PluginConfig, Pruner, PruneResult
+from bilevel.core.errors import BilevelError
+from bilevel.core.interfaces import CalibrationBatch
+from bilevel.toolkit import ChannelPruner, ChannelPrunerConfig, ChannelScores, add_noise
 
 
-class DiffPruningConfig(PluginConfig):
-    ratio: float = Field(0.3, gt=0, lt=1, description="share of channels removed per layer group")
+class DiffPruningConfig(ChannelPrunerConfig):
     importance: Literal["diff-pruning", "taylor", "magnitude"] = Field(
         "diff-pruning",
         description="diff-pruning: Taylor scores over timesteps until the loss drops below threshold x its running "
@@ -40,7 +39,6 @@ class DiffPruningConfig(PluginConfig):
         None, ge=1, description="calibration images used per timestep (None: the whole batch)"
     )
     seed: int = Field(0, description="seed of the noise drawn at each timestep")
-    keep_time_embedding: bool = Field(True, description="never prune the timestep embedding MLP")
 
 
 class LossThresholdStopper:
@@ -93,7 +91,7 @@ def accumulate_diffusion_gradients(
     for t in range(0, len(abar), cfg.timestep_stride):
         noise = torch.randn(x0.shape, generator=generator, device=p.device, dtype=p.dtype)
         a = abar[t]
-        x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(p.dtype)
+        x_t = add_noise(x0, noise, a).to(p.dtype)
         timesteps = torch.full((x0.shape[0],), t, device=p.device, dtype=torch.long)
         pred = unet(x_t, timesteps, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, noise)
@@ -110,44 +108,35 @@ def accumulate_diffusion_gradients(
     return record
 
 
-class DiffPruningPruner(Pruner):
+class DiffPruningPruner(ChannelPruner):
     name = "diff-pruning"
     description = "Diff-Pruning: channel pruning by Taylor scores of the diffusion loss over informative timesteps."
     Config = DiffPruningConfig
     api_version = 2
 
-    def prune(self, teacher, calibration: CalibrationBatch | None) -> PruneResult:
+    def scores(self, teacher, calibration: CalibrationBatch | None) -> ChannelScores:
         import torch_pruning as tp
 
         cfg: DiffPruningConfig = self.config
-        record = GradientAccumulation()
         if cfg.importance == "magnitude":
-            importance: object = tp.importance.MagnitudeImportance(p=2)
-            before_step = None
-        else:
-            if calibration is None:
-                raise BilevelError(
-                    f"diff-pruning with importance {cfg.importance!r} needs calibration data; use importance 'magnitude' without data"
-                )
-            if calibration.x0.shape[0] == 0:
-                raise BilevelError("diff-pruning got an empty calibration batch; it needs at least one image")
-            importance = tp.importance.TaylorImportance(multivariable=False)
-            stop = cfg.importance == "diff-pruning"
+            return ChannelScores(tp.importance.MagnitudeImportance(p=2))
+        if calibration is None:
+            raise BilevelError(
+                f"diff-pruning with importance {cfg.importance!r} needs calibration data (on Stable Diffusion: "
+                "data.finetune_data); use importance 'magnitude' without data"
+            )
+        if calibration.x0.shape[0] == 0:
+            raise BilevelError("diff-pruning got an empty calibration batch; it needs at least one image")
+        record = GradientAccumulation()
+        stop = cfg.importance == "diff-pruning"
 
-            def before_step(_pruner: object, student: nn.Module) -> None:
-                nonlocal record
-                record = accumulate_diffusion_gradients(student, calibration, cfg, stop)
+        def before_step(_pruner: object, student: nn.Module) -> None:
+            nonlocal record
+            record = accumulate_diffusion_gradients(student, calibration, cfg, stop)
 
-        student, pairs = prune_unet_channels(
-            teacher, importance, cfg.ratio, keep_time_embedding=cfg.keep_time_embedding, before_step=before_step
+        return ChannelScores(
+            tp.importance.TaylorImportance(multivariable=False),
+            before_step=before_step,
+            notes=lambda: {"timesteps": record.timesteps, "losses": record.losses, "stopped_early": record.stopped_early},
+            manifest=lambda: {"scored_timesteps": record.timesteps},
         )
-        student.zero_grad(set_to_none=True)
-        student.requires_grad_(True)
-        check_forward(student)
-        notes = {
-            "timesteps": record.timesteps,
-            "losses": record.losses,
-            "stopped_early": record.stopped_early,
-        }
-        manifest = {"pruner": self.name, "options": cfg.model_dump(), "scored_timesteps": record.timesteps}
-        return PruneResult(student=student, manifest=manifest, feature_pairs=pairs, notes=notes)

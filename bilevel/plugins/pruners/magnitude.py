@@ -4,30 +4,21 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ...core.channel_pruning import check_forward, prune_unet_channels
-from ...core.interfaces import CalibrationBatch, PluginConfig, Pruner, PruneResult
+from bilevel.core.interfaces import CalibrationBatch
+from bilevel.toolkit import ChannelPruner, ChannelPrunerConfig, ChannelScores
 
 
-class MagnitudeConfig(PluginConfig):
-    ratio: float = Field(0.3, gt=0, lt=1, description="share of channels removed per layer group")
+class MagnitudeConfig(ChannelPrunerConfig):
     p: int = Field(2, ge=1, description="norm order of the magnitude score")
-    keep_time_embedding: bool = Field(True, description="never prune the timestep embedding MLP")
 
 
-class MagnitudePruner(Pruner):
+class MagnitudePruner(ChannelPruner):
     name = "magnitude"
     description = "Structured channel pruning by weight magnitude (torch-pruning MagnitudeImportance)."
     Config = MagnitudeConfig
     api_version = 2
 
-    def prune(self, teacher, calibration: CalibrationBatch | None) -> PruneResult:
+    def scores(self, teacher, calibration: CalibrationBatch | None) -> ChannelScores:
         import torch_pruning as tp
 
-        cfg: MagnitudeConfig = self.config
-        student, pairs = prune_unet_channels(
-            teacher, tp.importance.MagnitudeImportance(p=cfg.p), cfg.ratio, keep_time_embedding=cfg.keep_time_embedding
-        )
-        check_forward(student)
-        return PruneResult(
-            student=student, manifest={"pruner": self.name, "options": cfg.model_dump()}, feature_pairs=pairs
-        )
+        return ChannelScores(tp.importance.MagnitudeImportance(p=self.config.p))

@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from ...core.interfaces import BilevelProblem, BilevelSolver, SolverConfig
-from ...core.steps import lower_step, upper_step
+from bilevel.core.interfaces import BilevelProblem, BilevelSolver, SolverConfig
+from bilevel.toolkit import lower_step, upper_step
 
 
 class AlternatingConfig(SolverConfig):

@@ -12,10 +12,17 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ...core.functional import split_names, swap_parameters
-from ...core.hypergrad import Tensors, conflict_averse_weight, dot, grads_or_zeros
-from ...core.interfaces import BilevelProblem, BilevelSolver, SolverConfig
-from ...core.steps import optimizer_step, unscaled_grads
+from bilevel.core.interfaces import BilevelProblem, BilevelSolver, SolverConfig
+from bilevel.toolkit import (
+    Tensors,
+    conflict_averse_weight,
+    dot,
+    grads_or_zeros,
+    optimizer_step,
+    split_names,
+    swap_parameters,
+    unscaled_grads,
+)
 
 
 class BomeConfig(SolverConfig):

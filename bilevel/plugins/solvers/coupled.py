@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from ...core.functional import Coupled
-from ...core.interfaces import BilevelProblem, BilevelSolver
+from bilevel.core.interfaces import BilevelProblem, BilevelSolver
+from bilevel.toolkit import Coupled
 
 
 class CoupledSolver(BilevelSolver):

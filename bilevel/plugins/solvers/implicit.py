@@ -7,33 +7,29 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, Field
 
-from ...core.errors import BilevelError
-from ...core.functional import (
+from bilevel.core.errors import BilevelError
+from bilevel.core.interfaces import BilevelProblem, ProximalSolverConfig
+from bilevel.plugins.solvers.coupled import CoupledSolver
+from bilevel.toolkit import (
+    HVP,
     Coupled,
+    Tensors,
     batch_head,
+    conjugate_gradient,
     double_backward_attention,
     explain_missing_double_backward,
-    swap_parameters,
-)
-from ...core.hypergrad import (
-    HVP,
-    Tensors,
-    conjugate_gradient,
+    gradient_step,
     grads_or_zeros,
     hvp_autograd,
     hvp_finite_difference,
     implicit_hypergrad,
     neumann,
+    swap_parameters,
+    unscaled_grads,
 )
-from ...core.interfaces import BilevelProblem, SolverConfig
-from ...core.steps import gradient_step, unscaled_grads
-from .coupled import CoupledSolver
 
 
-class ImplicitConfig(SolverConfig):
-    coupling: Literal["proximal", "split"] = Field(
-        "proximal", description="proximal (anchor x, lower pulled towards it) or split (disjoint subsets); not shared"
-    )
+class ImplicitConfig(ProximalSolverConfig):
     mu: float = Field(
         1.0, gt=0, description="proximal coupling: G = L_low(y) + mu/2 ||y - x||^2 (also makes H + mu I SPD)"
     )

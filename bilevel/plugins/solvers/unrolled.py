@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from pydantic import Field
 
-from ...core.functional import (
+from bilevel.core.interfaces import BilevelProblem, ProximalSolverConfig
+from bilevel.plugins.solvers.coupled import CoupledSolver
+from bilevel.toolkit import (
+    Tensors,
     double_backward_attention,
     explain_missing_double_backward,
+    grads_or_zeros,
+    loss_scale,
+    scale_loss,
     set_parameters,
     swap_parameters,
+    unrolled_hypergrad,
 )
-from ...core.hypergrad import Tensors, grads_or_zeros, unrolled_hypergrad
-from ...core.interfaces import BilevelProblem, SolverConfig
-from ...core.steps import loss_scale, scale_loss
-from .coupled import CoupledSolver
 
 
-class UnrolledConfig(SolverConfig):
-    coupling: Literal["proximal", "split"] = Field(
-        "proximal", description="proximal (anchor x, lower pulled towards it) or split (disjoint subsets); not shared"
-    )
+class UnrolledConfig(ProximalSolverConfig):
     inner_steps: int = Field(
         1, gt=0, description="K: lower SGD steps per outer step (they are the lower level's training)"
     )
@@ -32,7 +30,6 @@ class UnrolledConfig(SolverConfig):
     truncate: int | None = Field(
         None, gt=0, description="backpropagate through only the last k of the K steps (None: all); memory O(k)"
     )
-    mu: float = Field(1.0, gt=0, description="proximal coupling: G = L_low(y) + mu/2 ||y - x||^2")
     upper_every: int = Field(
         1, gt=0, description="compute the hypergradient every k-th outer step (others: plain steps)"
     )

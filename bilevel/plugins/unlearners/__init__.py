@@ -1,13 +1,13 @@
 """Built-in unlearners, registered through the `bilevel` entry-point group."""
 
-from ...registry.hookspecs import hookimpl
+from bilevel.registry.hookspecs import hookimpl
 
 
 @hookimpl
 def register_unlearners(register) -> None:
-    from .concept_ablation import ConceptAblation
-    from .esd import ESD
-    from .salun import SalUn
+    from bilevel.plugins.unlearners.concept_ablation import ConceptAblation
+    from bilevel.plugins.unlearners.esd import ESD
+    from bilevel.plugins.unlearners.salun import SalUn
 
     register(ESD)
     register(ConceptAblation)

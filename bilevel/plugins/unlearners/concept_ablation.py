@@ -8,7 +8,7 @@ noised at a uniform timestep. Each concept prompt is paired with one anchor prom
 Extension, off by default: retain_weight * ||eps_theta(x_t, c_r) - sg(eps_frozen(x_t, c_r))||^2 on noised retain
 images. In a bilevel run the lower level keeps the other concepts; used alone (`bilevel unlearn`), kv training
 generalises across prompts and, without it, costs other colours (measured on tiny teachers: 12-26 points
-of retained accuracy; see core.unlearn_command.RECOMMENDED).
+of retained accuracy; see bilevel.commands.unlearn.RECOMMENDED).
 
 Tiny-world anchors: the teacher was trained on "a <colour> <shape>" prompts only, so dropping the colour ("a
 circle", the paper's "grumpy cat" -> "cat") asks the model to imitate a prompt it never saw. The default anchor
@@ -26,11 +26,20 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ...core.errors import BilevelError
-from ...core.interfaces import PluginConfig, UnlearnContext, Unlearner
-from ...core.losses import prediction_type
-from ...core.prompt_mapping import DROP, FARTHEST, PromptMapping
-from .common import RetainBatch, draw_retain, generate_or_load, load_png_folder, noised, select_subset
+from bilevel.core.errors import BilevelError
+from bilevel.core.interfaces import PluginConfig, UnlearnContext, Unlearner
+from bilevel.toolkit import (
+    DROP,
+    FARTHEST,
+    PromptMapping,
+    RetainBatch,
+    draw_retain,
+    generate_or_load,
+    load_png_folder,
+    noised,
+    prediction_type,
+    select_subset,
+)
 
 ANCHOR_CACHE = "concept_ablation_anchors.safetensors"
 Subset = Literal["cross-attention-kv", "attention", "full"]

@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ...core.errors import BilevelError
-from ...core.interfaces import PluginConfig, UnlearnContext, Unlearner
-from ...core.sampling import sample_trajectories, uncond_cond_eps
-from .common import RetainBatch, draw_retain
+from bilevel.core.errors import BilevelError
+from bilevel.core.interfaces import PluginConfig, UnlearnContext, Unlearner
+from bilevel.toolkit import RetainBatch, add_noise, draw_retain, sample_trajectories, uncond_cond_eps
 
 
 class ESDConfig(PluginConfig):
@@ -131,7 +130,7 @@ class ESD(Unlearner):
             prompts = [ctx.concept_image_prompts[k] for k in i.tolist()]
         else:
             prompts = [ctx.concept_prompts[k % len(ctx.concept_prompts)] for k in i.tolist()]
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise, t.to(ctx.device), ctx.encode(prompts), None
+        return add_noise(x0, noise, a), t.to(ctx.device), ctx.encode(prompts), None
 
     def draw(self, ctx: UnlearnContext, batch_size: int, generator: torch.Generator) -> ESDBatch:
         xt, t, cond, target = self._draw(ctx, batch_size, generator)

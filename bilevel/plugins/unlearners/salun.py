@@ -30,20 +30,21 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ...core.errors import BilevelError
-from ...core.interfaces import PluginConfig, UnlearnContext, Unlearner
-from ...core.io import atomic_save_tensors
-from ...core.losses import prediction_type
-from ...core.prompt_mapping import (
+from bilevel.core.errors import BilevelError
+from bilevel.core.interfaces import PluginConfig, UnlearnContext, Unlearner
+from bilevel.toolkit import (
     FARTHEST,
     RANDOM,
     PromptMapping,
+    atomic_save_tensors,
     concept_in,
     explicit_prompts,
+    generate_or_load,
+    noised,
     non_concept_colours,
+    prediction_type,
     replace_concept,
 )
-from .common import generate_or_load, noised
 
 MASK_FILE = "salun_mask.safetensors"
 FORGET_CACHE = "salun_forget.safetensors"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from ...core.config import RunConfig
-from ...core.world import Purpose, World, WorldPlugin
+from bilevel.core.config import RunConfig
+from bilevel.core.world import Purpose, World, WorldPlugin
 
 
 class StableDiffusionWorldPlugin(WorldPlugin):
@@ -16,7 +16,7 @@ class StableDiffusionWorldPlugin(WorldPlugin):
     api_version = 2
 
     def accepts(self, source: str) -> bool:
-        from ...core.sdworld.loading import is_hub_id, is_tiny_pipeline
+        from bilevel.worlds.stable_diffusion.loading import is_hub_id, is_tiny_pipeline
 
         if is_tiny_pipeline(source):
             return False
@@ -24,8 +24,8 @@ class StableDiffusionWorldPlugin(WorldPlugin):
         return (path / "model_index.json").is_file() or is_hub_id(source)
 
     def build(self, config: RunConfig, purpose: Purpose) -> World:
-        from ...core.sdworld.evaluation import prepare_evaluators
-        from ...core.sdworld.world import SDWorld
+        from bilevel.worlds.stable_diffusion.evaluation import prepare_evaluators
+        from bilevel.worlds.stable_diffusion.world import SDWorld
 
         world = SDWorld.build(config, purpose)
         if purpose in ("run", "eval", "unlearn"):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from ...core.config import RunConfig
-from ...core.errors import BilevelError
-from ...core.world import Purpose, World, WorldPlugin
+from bilevel.core.config import RunConfig
+from bilevel.core.errors import BilevelError
+from bilevel.core.world import Purpose, World, WorldPlugin
 
 #: Data settings only a Stable Diffusion world reads; given to the tiny world they would be silently ignored.
 SD_ONLY_DATA = ("finetune_data", "concept_data", "concept_prompts", "retain_prompts", "resolution")
@@ -19,12 +19,12 @@ class TinyWorldPlugin(WorldPlugin):
     api_version = 2
 
     def accepts(self, source: str) -> bool:
-        from ...core.sdworld.loading import is_tiny_pipeline
+        from bilevel.worlds.stable_diffusion.loading import is_tiny_pipeline
 
         return is_tiny_pipeline(source)
 
     def check(self, config: RunConfig, purpose: Purpose) -> None:
-        from ...core.tinyworld.dataset import check_colours
+        from bilevel.worlds.tiny.dataset import check_colours
 
         check_colours(config.concepts)
         given = [k for k in SD_ONLY_DATA if getattr(config.data, k) is not None]
@@ -34,8 +34,8 @@ class TinyWorldPlugin(WorldPlugin):
             )
 
     def build(self, config: RunConfig, purpose: Purpose) -> World:
-        from ...core.models import load_tiny_pipeline
-        from ...core.tinyworld.world import TinyWorld
+        from bilevel.worlds.models import load_tiny_pipeline
+        from bilevel.worlds.tiny.world import TinyWorld
 
         m, d = config.model, config.data
         pipe = load_tiny_pipeline(m.source, m.device)

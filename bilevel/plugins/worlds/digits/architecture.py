@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DConditionModel
 
-from bilevel.core.tinyworld.architecture import TEXT_DIM, tiny_scheduler, tiny_unet_config
-from bilevel.core.tinyworld.pipeline import TinyTextToImagePipeline
-
-from .data import CHANNELS, IMAGE_SIZE
-from .text import build_text_encoder, build_tokenizer
+from bilevel.plugins.worlds.digits.data import CHANNELS, IMAGE_SIZE
+from bilevel.plugins.worlds.digits.text import build_text_encoder, build_tokenizer
+from bilevel.worlds.tiny.architecture import TEXT_DIM, tiny_scheduler, tiny_unet_config
+from bilevel.worlds.tiny.pipeline import TinyTextToImagePipeline
 
 #: The tiny teacher's widths: the digits world costs the same per step as the tiny world.
 DEFAULT_CHANNELS: tuple[int, ...] = (16, 32, 32, 32)

@@ -17,9 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from bilevel.core.errors import BilevelError
-from bilevel.core.io import load_tensors, read_format_json
-
-from .data import CLASS_NAMES, IMAGE_SIZE
+from bilevel.plugins.worlds.digits.data import CLASS_NAMES, IMAGE_SIZE
+from bilevel.toolkit import load_tensors, read_format_json
 
 NONE = "none"
 FORMAT = "bilevel-digits-detector/1"

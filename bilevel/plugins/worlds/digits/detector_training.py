@@ -18,10 +18,19 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from bilevel.core.io import atomic_save_tensors, atomic_write_text
-
-from .data import CLASS_NAMES, IMAGE_SIZE, load_real_digits, split_indices
-from .detector import CONFIG, FORMAT, NONE, REJECT, SHIPPED, WEIGHTS, DetectorArch, DigitClassifier, DigitDetector
+from bilevel.plugins.worlds.digits.data import CLASS_NAMES, IMAGE_SIZE, load_real_digits, split_indices
+from bilevel.plugins.worlds.digits.detector import (
+    CONFIG,
+    FORMAT,
+    NONE,
+    REJECT,
+    SHIPPED,
+    WEIGHTS,
+    DetectorArch,
+    DigitClassifier,
+    DigitDetector,
+)
+from bilevel.toolkit import atomic_save_tensors, atomic_write_text
 
 
 class DetectorTrainConfig(BaseModel):
@@ -145,10 +154,16 @@ def save_detector(detector: DigitDetector, config: DetectorTrainConfig, metrics:
     }
     atomic_write_text(out / CONFIG, json.dumps(info, indent=1))
     atomic_write_text(out / "README.md", model_card(config, metrics, command))
+    for f in (out / WEIGHTS, out / CONFIG, out / "README.md"):
+        f.chmod(0o644)  # safetensors writes 0600 files; package data must be readable by every user
 
 
 def model_card(config: DetectorTrainConfig, m: dict, command: str) -> str:
     per_class = m["held_out_per_class"]
+
+    def row(part: str) -> str:
+        return f"{m[part + '_count']} | {m[part + '_accuracy']:.3f} | {m[part + '_none_rate']:.3f}"
+
     return f"""# Digits-world concept detector (shipped with bilevel)
 
 A small CNN that labels 8x8 grey-level digit images (scikit-learn's `load_digits`, grey 0..16 scaled to [-1, 1])
@@ -170,15 +185,15 @@ its {config.arch.feature_dim}-d penultimate features serve a Frechet distance. W
 Seed {config.seed}. Fitted only on the real train split (the split fixed by seed 0, 75% of each class), less a
 stratified {config.calibration_fraction:.0%} calibration part used only for the threshold: {config.epochs} epochs,
 batch {config.batch_size} real digits (shifted by up to 1 pixel, Gaussian noise std {config.augment_noise}) plus
-{config.negative_fraction:.0%} synthetic negatives (blank, uniform and Gaussian noise, sparse dots, smooth blobs) labelled
-as the reject class, AdamW lr {config.lr} (one-cycle), one CPU thread, {m["train_seconds"]} s.
+{config.negative_fraction:.0%} synthetic negatives (blank, uniform and Gaussian noise, sparse dots, smooth blobs)
+labelled as the reject class, AdamW lr {config.lr} (one-cycle), one CPU thread, {m["train_seconds"]} s.
 
 ## Measured (a `none` counts as wrong)
 
 | set | images | accuracy | none rate |
 |---|---|---|---|
-| held-out real digits (never seen) | {m["held_out_count"]} | {m["held_out_accuracy"]:.3f} | {m["held_out_none_rate"]:.3f} |
-| calibration real digits | {m["calibration_count"]} | {m["calibration_accuracy"]:.3f} | {m["calibration_none_rate"]:.3f} |
+| held-out real digits (never seen) | {row("held_out")} |
+| calibration real digits | {row("calibration")} |
 
 Held-out accuracy per class: {", ".join(f"{k} {v:.2f}" for k, v in per_class.items())}.
 

@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
-from bilevel.core.sampling import sample_images
-
-from .data import CLASS_NAMES, TEMPLATES, prompt_for
-from .detector import DigitDetector, shipped_detector
+from bilevel.plugins.worlds.digits.data import CLASS_NAMES, TEMPLATES, prompt_for
+from bilevel.plugins.worlds.digits.detector import DigitDetector, shipped_detector
+from bilevel.toolkit import sample_images
 
 
 class Quality(BaseModel):
@@ -90,9 +89,8 @@ def measure_quality(
 
 def load_checkpoint_pipeline(checkpoints: Path):
     """A pipeline carrying the EMA weights of a training run's latest checkpoint (to watch a run in progress)."""
-    from bilevel.core.io import load_tensors
-
-    from .architecture import build_digits_pipeline
+    from bilevel.plugins.worlds.digits.architecture import build_digits_pipeline
+    from bilevel.toolkit import load_tensors
 
     state = json.loads((checkpoints / "state.json").read_text())
     pipe = build_digits_pipeline(state["config"]["seed"], tuple(state["config"]["channels"]))
@@ -114,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         pipe, step = load_checkpoint_pipeline(args.source)
         print(f"checkpoint at step {step}")
     else:
-        from bilevel.core.models import load_tiny_pipeline
+        from bilevel.worlds.models import load_tiny_pipeline
 
         pipe = load_tiny_pipeline(str(args.source))
     for guidance in args.guidance:

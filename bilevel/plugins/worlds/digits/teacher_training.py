@@ -21,13 +21,12 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from bilevel.core.conditioning import PromptBank
 from bilevel.core.errors import BilevelError
-from bilevel.core.io import atomic_save_tensors, atomic_write_text, load_tensors
-from bilevel.core.tinyworld.pipeline import TinyTextToImagePipeline
-
-from .architecture import DEFAULT_CHANNELS, build_digits_pipeline
-from .data import TEMPLATES, make_dataset, prompt_for
+from bilevel.plugins.worlds.digits.architecture import DEFAULT_CHANNELS, build_digits_pipeline
+from bilevel.plugins.worlds.digits.data import TEMPLATES, make_dataset, prompt_for
+from bilevel.plugins.worlds.digits.plugin import write_marker
+from bilevel.toolkit import PromptBank, add_noise, atomic_save_tensors, atomic_write_text, draw_generator, load_tensors
+from bilevel.worlds.tiny.pipeline import TinyTextToImagePipeline
 
 STATE = "state.json"
 #: Options that do not change what is computed, so a resume may differ in them.
@@ -82,7 +81,7 @@ def train_digits_teacher(config: DigitsTeacherConfig, out_dir: Path, *, resume: 
     losses: list[float] = []
     t0, cpu0 = time.time(), time.process_time()
     for step in range(start, config.steps):
-        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        gen = draw_generator(config.seed, step)
         idx = torch.randint(len(data), (config.batch_size,), generator=gen)
         names = torch.randint(len(TEMPLATES), (config.batch_size,), generator=gen)
         x0 = data.images[idx]
@@ -92,7 +91,7 @@ def train_digits_teacher(config: DigitsTeacherConfig, out_dir: Path, *, resume: 
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, len(alphas), (config.batch_size,), generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        xt = add_noise(x0, noise, a)
         loss = (unet(xt, t, encoder_hidden_states=cond).sample - noise).pow(2).mean()
         if not torch.isfinite(loss):
             raise BilevelError(f"teacher loss became {loss.item()} at step {step}; the last checkpoint is kept")
@@ -114,6 +113,7 @@ def train_digits_teacher(config: DigitsTeacherConfig, out_dir: Path, *, resume: 
             _save_checkpoint(ckpts, done, unet, ema, opt, sched, config)
     pipe.register_modules(unet=ema)
     pipe.save_pretrained(out_dir / "pipeline", safe_serialization=True)
+    write_marker(out_dir / "pipeline")  # `--model out_dir/pipeline` resolves to the digits world
     _append_session(out_dir / "training.json", config, start, time.time() - t0, time.process_time() - cpu0, history)
     return pipe
 

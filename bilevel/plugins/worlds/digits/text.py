@@ -8,9 +8,8 @@ from tokenizers.pre_tokenizers import Whitespace
 from tokenizers.processors import TemplateProcessing
 from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
-from bilevel.core.tinyworld.text import build_text_encoder as _tiny_text_encoder
-
-from .data import CLASS_NAMES
+from bilevel.plugins.worlds.digits.data import CLASS_NAMES
+from bilevel.worlds.tiny.text import build_text_encoder as _tiny_text_encoder
 
 SPECIAL = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
 MAX_LENGTH = 8

@@ -4,7 +4,7 @@ Plugin classes are imported inside the hooks so that `bilevel plugins` stays fas
 dependency is reported as this package's load failure instead of breaking the others.
 """
 
-from bilevel.registry import hookimpl
+from bilevel import hookimpl
 
 
 @hookimpl

@@ -4,7 +4,7 @@ Efficient ConvNets", ICLR 2017; Liu et al., "Rethinking the Value of Network Pru
 "DepGraph: Towards Any Structural Pruning", CVPR 2023, whose torch-pruning provides `RandomImportance`): a pruner
 that does not beat it at equal size and fine-tuning budget has not shown that its importance criterion matters.
 
-It uses bilevel's shared channel-pruning engine (`bilevel.core.channel_pruning.prune_unet_channels`), so the
+It uses bilevel's shared channel-pruning engine (`bilevel.compression.channel_pruning.prune_unet_channels`), so the
 diffusers specifics (attention heads, samplers, the kept output conv) and the feature-KD channel bookkeeping are
 the same as for the built-in `magnitude` and `diff-pruning` pruners; only the importance differs. The draw is
 seeded and does not touch torch's global random state.
@@ -15,14 +15,12 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from bilevel.core.channel_pruning import check_forward, prune_unet_channels
-from bilevel.core.interfaces import CalibrationBatch, PluginConfig, Pruner, PruneResult
+from bilevel import CalibrationBatch
+from bilevel.toolkit import ChannelPruner, ChannelPrunerConfig, ChannelScores
 
 
-class RandomConfig(PluginConfig):
-    ratio: float = Field(0.3, gt=0, lt=1, description="share of channels removed per layer group")
+class RandomConfig(ChannelPrunerConfig):
     seed: int = Field(0, description="seed of the random importance (same seed, same student)")
-    keep_time_embedding: bool = Field(True, description="never prune the timestep embedding MLP")
 
 
 def seeded_random_importance(seed: int):
@@ -41,18 +39,11 @@ def seeded_random_importance(seed: int):
     return SeededRandomImportance()
 
 
-class RandomPruner(Pruner):
+class RandomPruner(ChannelPruner):
     name = "random"
     description = "Structured channel pruning with random channel importance (the baseline of pruning papers)."
     Config = RandomConfig
     api_version = 2
 
-    def prune(self, teacher, calibration: CalibrationBatch | None) -> PruneResult:
-        cfg: RandomConfig = self.config
-        student, pairs = prune_unet_channels(
-            teacher, seeded_random_importance(cfg.seed), cfg.ratio, keep_time_embedding=cfg.keep_time_embedding
-        )
-        check_forward(student)
-        return PruneResult(
-            student=student, manifest={"pruner": self.name, "options": cfg.model_dump()}, feature_pairs=pairs
-        )
+    def scores(self, teacher, calibration: CalibrationBatch | None) -> ChannelScores:
+        return ChannelScores(seeded_random_importance(self.config.seed))

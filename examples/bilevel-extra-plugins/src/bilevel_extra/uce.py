@@ -37,9 +37,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from bilevel.core.errors import BilevelError
-from bilevel.core.interfaces import PluginConfig, UnlearnContext, Unlearner
-from bilevel.core.prompt_mapping import PromptMapping
+from bilevel import BilevelError, PluginConfig, UnlearnContext, Unlearner
+from bilevel.toolkit import PromptMapping
 
 
 class UCEConfig(PluginConfig):

@@ -1,0 +1,1 @@
+"""The commands: run, prune, unlearn, eval, ablate, export, attack (bilevel/cli.py parses, these do the work)."""

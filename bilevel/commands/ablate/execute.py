@@ -1,0 +1,113 @@
+"""Runs an ablation grid cell by cell, resumably: a finished cell is never run again, an interrupted one continues
+from its checkpoints, a failed one is recorded (the others still run) and retried on the next invocation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bilevel.commands.ablate.grid import AblationGrid, Cell, cell_config, plan_cells, validate_grid
+from bilevel.commands.run import DONE, RUN_MARKER, run
+from bilevel.core.errors import BilevelError
+from bilevel.runtime.io import atomic_write_text
+from bilevel.runtime.report import console
+
+GRID_FILE = "grid.json"  # the grid this folder was started with
+STATUS_FILE = "cells.json"  # per cell: state (done/failed/skipped), wall seconds of finished attempts, error
+CELLS = "cells"
+
+
+@dataclass
+class GridOutcome:
+    out: Path
+    cells: list[Cell]
+    status: dict[str, dict[str, Any]]
+
+    @property
+    def failed(self) -> list[str]:
+        return [n for n, s in self.status.items() if s.get("state") != "done"]
+
+
+def cell_folder(out: Path, cell: Cell) -> Path:
+    return out / CELLS / cell.name
+
+
+def prepare_grid_dir(grid: AblationGrid, out: Path, overwrite: bool) -> None:
+    """Continue the same grid; refuse a folder that holds a different grid or anything else, unless --overwrite."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BilevelError(f"ablation output {out} exists and is not a folder")
+    wanted = grid.model_dump(mode="json")
+    saved_path = out / GRID_FILE
+    if saved_path.is_file() and not overwrite:
+        try:
+            saved = json.loads(saved_path.read_text())
+        except json.JSONDecodeError:
+            raise BilevelError(f"{saved_path} is corrupt; pass --overwrite to start this grid again") from None
+        if saved != wanted:
+            changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+            raise BilevelError(
+                f"{out} holds a different ablation grid (differs in: {', '.join(changed)}); "
+                "rerun with the same grid to continue it, pass --overwrite to replace it, or choose another --out"
+            )
+        return
+    if overwrite:
+        shutil.rmtree(out / CELLS, ignore_errors=True)
+        (out / STATUS_FILE).unlink(missing_ok=True)
+    elif out.is_dir() and any(out.iterdir()):
+        raise BilevelError(f"{out} is not empty and holds no ablation grid; choose another --out or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved_path, json.dumps(wanted, indent=2))
+
+
+def read_status(out: Path) -> dict[str, dict[str, Any]]:
+    path = Path(out) / STATUS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}  # atomic writes make this unreachable; losing it only costs the wall-time record
+
+
+def run_grid(grid: AblationGrid, out: Path, overwrite: bool = False) -> GridOutcome:
+    """Every cell of the grid (skipping finished ones), then nothing else: the report is written separately."""
+    validate_grid(grid)
+    out = Path(out)
+    prepare_grid_dir(grid, out, overwrite)
+    cells = plan_cells(grid)
+    status = read_status(out)
+    for i, cell in enumerate(cells, 1):
+        folder = cell_folder(out, cell)
+        entry = status.setdefault(cell.name, {"state": "pending", "wall_seconds": 0.0})
+        if (folder / DONE).is_file():
+            entry["state"] = "done"
+            console.print(f"[dim]cell {i}/{len(cells)} {cell.name}: finished earlier, kept[/]")
+            continue
+        if cell.depends_on and status.get(cell.depends_on, {}).get("state") != "done":
+            entry.update(state="skipped", error=f"its baseline cell {cell.depends_on} did not finish")
+            _write_status(out, status)
+            continue
+        resume = (folder / RUN_MARKER).is_file()
+        console.rule(f"cell {i}/{len(cells)}: {cell.name}" + (" (resuming)" if resume else ""))
+        config = cell_config(grid, cell, folder, out / CELLS)
+        start = time.perf_counter()
+        try:
+            run(config, resume=resume)
+        except BilevelError as exc:  # one bad cell must not cost the rest of the grid
+            entry.update(state="failed", error=str(exc))
+            console.print(f"[red]cell {cell.name} failed:[/] {exc}")
+        else:
+            entry.update(state="done", error=None)
+        entry["wall_seconds"] = float(entry.get("wall_seconds", 0.0)) + time.perf_counter() - start
+        _write_status(out, status)
+    _write_status(out, status)
+    return GridOutcome(out, cells, status)
+
+
+def _write_status(out: Path, status: dict[str, dict[str, Any]]) -> None:
+    atomic_write_text(Path(out) / STATUS_FILE, json.dumps(status, indent=2))

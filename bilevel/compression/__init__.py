@@ -1,0 +1,1 @@
+"""Making students: the channel-pruning engine, BK-SDM block removal, student I/O without pickle, model stats."""

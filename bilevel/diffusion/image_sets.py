@@ -1,0 +1,104 @@
+"""Image sets an unlearner works from: teacher-generated sets cached as safetensors beside the run (keyed by the
+teacher's fingerprint and the generation settings), and PNG folders."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bilevel.core.errors import BilevelError
+from bilevel.core.interfaces import UnlearnContext
+from bilevel.diffusion.sampling import sample_images
+from bilevel.runtime.io import atomic_save_tensors
+
+
+def generate_or_load(
+    ctx: UnlearnContext,
+    prompts: list[str],
+    *,
+    filename: str,
+    steps: int,
+    guidance: float,
+    seed: int,
+) -> torch.Tensor:
+    """Images of the frozen teacher for `prompts` (one each), cached in ctx.run_dir/filename and reused when the
+    cache was made with the same prompts and settings."""
+    meta = {
+        "prompts": json.dumps(prompts),
+        "steps": str(steps),
+        "guidance": repr(guidance),
+        "seed": str(seed),
+        "model": model_fingerprint(ctx.teacher),
+    }
+    path = Path(ctx.run_dir) / filename if ctx.run_dir is not None else None
+    if path is not None and path.is_file():
+        cached = read_cached(path, meta, "images")
+        if cached is not None:
+            return cached.to(ctx.device)
+    gen = torch.Generator().manual_seed(seed)
+    images = sample_images(
+        ctx.teacher, ctx.scheduler_config, ctx.encode(prompts), ctx.encode([""]),
+        steps=steps, guidance=guidance, generator=gen, channels=ctx.sample_shape[0], size=ctx.sample_shape[1],
+    )  # fmt: skip
+    if getattr(ctx, "clamp_samples", True):  # pixels; latents are left as sampled
+        images = images.clamp(-1, 1)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_tensors({"images": images}, path, metadata=meta)
+    return images.to(ctx.device)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A cheap identity of a model's weights (names, shapes, sums), so a cache made by another model is not reused."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            t = p.detach().double()
+            h.update(f"{name}{tuple(p.shape)}{float(t.sum()):.12e}{float(t.abs().sum()):.12e}".encode())
+    return h.hexdigest()[:32]
+
+
+def read_cached(path: Path, meta: dict[str, str], *keys: str) -> torch.Tensor | None:
+    """The tensor `keys[0]` of a safetensors cache whose metadata equals `meta`; None when absent, stale or corrupt
+    (the caller then recomputes and overwrites it)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}) != meta or keys[0] not in f.keys():  # noqa: SIM118 - safe_open has no __contains__
+                return None
+            return f.get_tensor(keys[0])
+    except (SafetensorError, OSError):
+        return None
+
+
+def load_png_folder(folder: Path, shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[str], list[str | None]]:
+    """(images in [-1, 1], file names, prompt per image from an optional `<stem>.txt` beside it, else None)."""
+    from PIL import Image
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise BilevelError(f"image folder not found: {folder}; expected a folder of .png images")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png")
+    if not files:
+        raise BilevelError(f"no .png images in {folder}; expected a folder of .png images")
+    c, h, w = shape
+    if c != 3:
+        raise BilevelError(f"PNG images need a 3-channel model, this one has {c} input channels")
+    images, prompts = [], []
+    for p in files:
+        try:
+            img = Image.open(p).convert("RGB")
+        except OSError as exc:
+            raise BilevelError(f"cannot read image {p}: {exc}") from None
+        if img.size != (w, h):
+            raise BilevelError(f"image {p} is {img.size[0]}x{img.size[1]}; the model samples {w}x{h} images")
+        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
+        images.append(x.float() / 127.5 - 1)
+        side = p.with_suffix(".txt")
+        prompts.append(side.read_text().strip() if side.is_file() else None)
+    return torch.stack(images), [p.name for p in files], prompts

@@ -1,0 +1,1 @@
+"""Training: the bilevel problem, hypergradients, optimiser steps, the training loop and the baseline solvers."""

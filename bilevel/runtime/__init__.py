@@ -1,0 +1,1 @@
+"""Infrastructure: atomic files, checkpoints, distributed training, precision, seeding, progress and reports."""

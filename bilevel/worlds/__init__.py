@@ -1,0 +1,1 @@
+"""World implementations (the tiny world, Stable Diffusion), model loading and world resolution."""
