@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--solver", help="bilevel solver plugin name")
     run.add_argument("--concept", action="append", help="concept to suppress (repeatable); tiny world: a colour")
     run.add_argument("--steps", type=int, help="outer training steps per trained arm")
-    run.add_argument("--arms", help="comma-separated arms: teacher,pruned,ddpm,kd,bilevel,two-stage")
+    run.add_argument("--arms", help="comma-separated arms: teacher,pruned,ddpm,kd,bilevel,two-stage,two-stage-tuned")
     run.add_argument("--schedule", choices=["bilevel", "two-stage", "both"],
                      help="bilevel (default arms), two-stage (fine-tune then erase, same step counts) or both")  # fmt: skip
     run.add_argument("--out", type=Path, help="output folder (default runs/run-<time>)")
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--unlearners", help="comma-separated unlearner names (default: every built-in)")
     ab.add_argument("--solvers", help="comma-separated solver names (default: alternating)")
     ab.add_argument("--seeds", help="comma-separated training seeds (default: 0)")
-    ab.add_argument("--baselines", help="comma-separated: teacher,pruned,ddpm,kd,two-stage (default: all but ddpm)")
+    ab.add_argument("--baselines", help="comma-separated: teacher,pruned,ddpm,kd,two-stage,two-stage-tuned (default: "
+                    "teacher,pruned,kd,two-stage,two-stage-tuned)")  # fmt: skip
     ab.add_argument("--quick", action="store_true", help="bk-sdm x esd,concept-ablation, 300 steps: a few minutes")
     ab.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="run-config override for every cell, e.g. training.steps=300 (repeatable)")  # fmt: skip
@@ -141,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch starts its OpenMP pool: idle threads sleep instead of spinning. On a 2-core machine shared with
+    # another job, spinning made the same KD steps 8.5x slower than one thread, sleeping 0.58x (benchmarks/
+    # bench_threads.py). A user's own OMP_WAIT_POLICY wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)

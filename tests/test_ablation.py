@@ -48,7 +48,7 @@ def test_every_cell_is_a_finished_run_in_its_own_folder(grid_run):
     for name in names:
         assert (grid_run / "cells" / name / "DONE").is_file()
     method = json.loads((grid_run / "cells" / "bk-sdm--esd--alternating--s1" / "config.json").read_text())
-    assert method["arms"] == ["bilevel", "two-stage"]
+    assert method["arms"] == ["bilevel", "two-stage", "two-stage-tuned"]
     assert method["training"]["seed"] == 1
     assert method["reuse_kd_from"].endswith("baseline--bk-sdm--s1")  # two-stage starts from the shared KD student
     assert method["unlearner"]["options"]["pool_size"] == 8  # per-plugin options from the grid file
@@ -64,12 +64,18 @@ def test_report_aggregates_over_seeds_and_states_the_claim(grid_run):
     assert agg["n"] == 2
     assert agg["mean"]["retained_accuracy"] == pytest.approx(sum(values) / 2)
     assert agg["std"]["retained_accuracy"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
-    assert len(report["claim"]["checks"]) == 1
+    checks = report["claim"]["checks"]  # bilevel against each two-stage arm, answered from intervals
+    assert [c["against"] for c in checks] == ["two-stage", "two-stage (tuned)"]
+    assert all(c["verdict"] in ("holds", "fails", "inconclusive") for c in checks)
+    _, low, high = checks[0]["concept_difference"]  # over the two seeds: a paired t-interval around the mean gap
+    assert low <= checks[0]["concept_difference"][0] <= high
+    assert agg["interval"]["concept_rate"][0] <= agg["mean"]["concept_rate"] <= agg["interval"]["concept_rate"][1]
     md = (grid_run / "report.md").read_text()
-    assert "at least as well" in md and "mean ± std over seeds" in md
+    assert "at least as well" in md and "mean ± std" in md and "95% interval" in md
     assert "| bilevel | bk-sdm | esd | alternating | 2 |" in md
     rows = list(csv.DictReader((grid_run / "report.csv").open()))
-    assert {r["method"] for r in rows} == {"teacher", "pruned only", "KD only", "bilevel", "two-stage"}
+    assert {r["method"] for r in rows} == {"teacher", "pruned only", "KD only", "bilevel", "two-stage",
+                                           "two-stage (tuned)"}  # fmt: skip
     two_stage = next(r for r in rows if r["method"] == "two-stage")
     assert float(two_stage["train_seconds_mean"]) > 0  # includes its KD stage
 

@@ -46,3 +46,27 @@ def test_run_writes_config_grids_and_reloadable_students(short_run):
     with torch.no_grad():
         assert torch.equal(student(**inputs).sample, again(**inputs).sample)
     assert manifest["arm"] == "bilevel"
+
+
+def test_tuned_two_stage_arm_uses_the_recommended_erase_settings(tmp_path):
+    """two-stage-tuned: the KD student, then the unlearner with `bilevel unlearn`'s recommended options and lr, for
+    as many updates as bilevel's upper level made (a budget no larger than bilevel's)."""
+    out = tmp_path / "run"
+    args = [
+        "run", "--arms", "kd,bilevel,two-stage,two-stage-tuned", "--steps", "8", "--out", str(out),
+        "--set", "training.batch_size=4", "--set", "training.upper_batch_size=2", "--set", "evaluation.samples_per_prompt=2",
+        "--set", "evaluation.steps=2", "--set", "evaluation.latency_repeats=1", "--set", "unlearner.options.pool_size=2",
+        "--set", "unlearner.options.sample_steps=2", "--set", "data.finetune_size=64",
+    ]  # fmt: skip
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["model"] for r in metrics["rows"]] == ["kd", "bilevel", "two-stage", "two-stage-tuned"]
+    histories = metrics["histories"]
+    assert histories["bilevel"][-1]["upper_updates"] == 2  # every 4 of 8 steps
+    for arm in ("two-stage", "two-stage-tuned"):  # as many erase updates as bilevel's upper level made
+        assert histories[arm][-1]["step"] == 2
+    rows = {r["model"]: r for r in metrics["rows"]}
+    assert json.loads((out / "config.json").read_text())["training"]["upper_lr"] == 5e-4  # the run's own setting
+    assert rows["two-stage-tuned"]["erase_lr"] == 3e-4 and rows["two-stage-tuned"]["erase_steps"] == 2
+    assert rows["two-stage-tuned"]["erase_options"]["retain_weight"] == 5.0  # ESD's recommended retain term
+    assert "erase_lr" not in rows["two-stage"]

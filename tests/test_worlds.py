@@ -365,3 +365,40 @@ def test_tiny_export_loads_with_stock_diffusers_and_no_bilevel(tmp_path, capsys)
     torch.testing.assert_close(images, same)
     code = main(["export", str(student), "--out", str(exported)])
     assert code == 2 and "not empty" in capsys.readouterr().err
+
+
+def test_concept_ablation_anchor_folder_is_vae_encoded_on_stable_diffusion(sd, tmp_path, capsys):
+    """A PNG folder of anchor images (pixels) becomes latents through the world's VAE, as every SD image does."""
+    from bilevel.core.interfaces import UnlearnContext
+    from bilevel.plugins.unlearners.concept_ablation import ConceptAblation, ConceptAblationConfig
+
+    anchors = tmp_path / "anchors"
+    anchors.mkdir()
+    gen = torch.Generator().manual_seed(1)
+    for i in range(3):
+        Image.fromarray((torch.rand(IMAGE_SIZE, IMAGE_SIZE, 3, generator=gen) * 255).byte().numpy()).save(
+            anchors / f"{i}.png"
+        )
+    out = tmp_path / "erased"
+    code = main(["unlearn", str(sd["model"]), "--concept", CONCEPT, "--unlearner", "concept-ablation", "--steps", "1",
+                 "--batch-size", "2", "--set", f"anchor_images={anchors}", "--set", "anchor=drop",
+                 "--set", "retain_weight=0", "--out", str(out), *sd_eval_sets(sd)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((out / "unlearn.json").read_text())["options"]["anchor_images"] == str(anchors)
+    seen: dict[str, torch.Tensor] = {}
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        seen["pixels"] = pixels
+        return torch.zeros(len(pixels), 4, 8, 8)
+
+    unlearner = ConceptAblation(ConceptAblationConfig(anchor_images=anchors, anchor="drop", retain_weight=0))
+    ctx = UnlearnContext(
+        student=torch.nn.Linear(1, 1), teacher=torch.nn.Linear(1, 1), concepts=[CONCEPT], concept_prompts=[CONCEPT],
+        retain_prompts=[], encode=lambda p: torch.zeros(len(p), 16, 32), concept_images=None, concept_image_prompts=None,
+        retain_images=None, retain_image_prompts=None, alphas_cumprod=torch.linspace(0.99, 0.01, 1000),
+        scheduler_config={}, sample_shape=(4, 8, 8), run_dir=None, device=torch.device("cpu"),
+        encode_images=encode, image_shape=(3, IMAGE_SIZE, IMAGE_SIZE),
+    )  # fmt: skip
+    unlearner.prepare(ctx)
+    assert seen["pixels"].shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE)  # read at the pixel size, then encoded
+    assert unlearner.state_dict()["anchor_images"].shape == (3, 4, 8, 8)  # what training uses: latents

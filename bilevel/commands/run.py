@@ -284,13 +284,13 @@ class Run:
         check_in_sync(student, f"{arm} fine-tuning")
         return student.eval(), history, state.seconds
 
-    def finish(self, arm: str, student: nn.Module, seconds: float) -> None:
-        """Save a trained arm's student and evaluate it."""
+    def finish(self, arm: str, student: nn.Module, seconds: float, info: dict[str, Any] | None = None) -> None:
+        """Save a trained arm's student and evaluate it (`info`: what the arm chose, recorded in its row)."""
         procs = processes()
         if procs.is_main:
             manifest = make_manifest(student, self.pruned.feature_pairs, **self.provenance, arm=arm)
             save_student(self.out / "students" / arm, student, manifest)
-        extra = {"train_seconds": seconds, "world_size": procs.world_size}
+        extra = {"train_seconds": seconds, "world_size": procs.world_size, **(info or {})}
         if procs.multi:
             extra["in_sync"] = True  # train's check_in_sync passed
         self.evaluate(arm, student, extra, self.histories.get(arm))
@@ -362,17 +362,7 @@ class TwoStageArm:
 
     def run(self, r: Run) -> None:
         tc = r.config.training
-        if "kd" in r.trained:
-            kd_student, kd_seconds = r.trained["kd"]
-        elif "kd" in r.done:
-            kd_student = _load_weights(copy.deepcopy(r.pruned.student), r.out / "students" / "kd").eval()
-            kd_seconds = float(r.done["kd"][0].get("train_seconds", 0.0))
-        elif r.config.reuse_kd_from is not None:
-            kd_student, kd_seconds = _reused_kd(Path(r.config.reuse_kd_from), r.pruned.student)
-        else:
-            kd_student, r.histories["kd"], kd_seconds = r.train(
-                "kd", r.pruned.student, LowerOnly(), None, tc.steps, tc.weights
-            )
+        kd_student, kd_seconds = _kd_student(r)
         erase_steps = upper_updates(r.histories.get("bilevel"), r.solver, tc.steps)
         student, r.histories[self.label], seconds = r.train(
             self.label, kd_student, UpperOnly(), r.unlearner, erase_steps, tc.weights
@@ -380,12 +370,57 @@ class TwoStageArm:
         r.finish(self.label, student, kd_seconds + seconds)
 
 
+@dataclass
+class TunedTwoStageArm:
+    """Two-stage as a practitioner would run it: the same KD student, then the unlearner alone with its measured
+    standalone settings (`bilevel unlearn`'s recommendation: options such as a retain term on the fine-tuning data,
+    and its learning rate) for as many updates as the bilevel arm's upper level made, so the total step budget is
+    no larger than bilevel's. The claim check compares bilevel with both two-stage arms."""
+
+    label: str = "two-stage-tuned"
+
+    def run(self, r: Run) -> None:
+        from bilevel.commands.unlearn import RECOMMENDED
+        from bilevel.registry import get_registry
+
+        tc = r.config.training
+        kd_student, kd_seconds = _kd_student(r)
+        recommended = RECOMMENDED.get(r.unlearner.name)
+        options = {**r.unlearner.config.model_dump(), **(recommended.options if recommended else {})}
+        unlearner = get_registry().create("unlearner", r.unlearner.name, options)
+        lr = recommended.lr if recommended else tc.upper_lr
+        config = r.config.model_copy(update={"training": tc.model_copy(update={"upper_lr": lr})})
+        erase_steps = upper_updates(r.histories.get("bilevel"), r.solver, tc.steps)
+        tuned = Run(**{**vars(r), "config": config})  # the same run, with the recommended erase lr
+        student, r.histories[self.label], seconds = tuned.train(
+            self.label, kd_student, UpperOnly(), unlearner, erase_steps, tc.weights
+        )
+        info = {"erase_lr": lr, "erase_steps": erase_steps, "erase_options": unlearner.config.model_dump(mode="json")}
+        r.finish(self.label, student, kd_seconds + seconds, info)
+
+
+def _kd_student(r: Run) -> tuple[nn.Module, float]:
+    """The KD-only student two-stage arms start from: this run's, the interrupted run's, a reused one, or trained."""
+    tc = r.config.training
+    if "kd" in r.trained:
+        return r.trained["kd"]
+    if "kd" in r.done:
+        student = _load_weights(copy.deepcopy(r.pruned.student), r.out / "students" / "kd").eval()
+        return student, float(r.done["kd"][0].get("train_seconds", 0.0))
+    if r.config.reuse_kd_from is not None:
+        return _reused_kd(Path(r.config.reuse_kd_from), r.pruned.student)
+    student, r.histories["kd"], seconds = r.train("kd", r.pruned.student, LowerOnly(), None, tc.steps, tc.weights)
+    r.trained["kd"] = (student, seconds)  # a second two-stage arm reuses it
+    return student, seconds
+
+
 def arms_of(config: RunConfig) -> list[Any]:
     """The config's arms in the order they run: the evaluations, the trained arms in the config's order, then
     two-stage (which reuses the kd arm's student when the run trained one)."""
     arms: list[Any] = [arm for arm in (TeacherArm(), PrunedArm()) if arm.label in config.arms]
     arms += [FineTuneArm(a) for a in config.arms if a in ("ddpm", "kd", "bilevel")]
-    return arms + ([TwoStageArm()] if "two-stage" in config.arms else [])
+    arms += [TwoStageArm()] if "two-stage" in config.arms else []
+    return arms + ([TunedTwoStageArm()] if "two-stage-tuned" in config.arms else [])
 
 
 def _save_row(

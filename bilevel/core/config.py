@@ -174,7 +174,7 @@ class EvalConfig(Section):
         return self.guidance if self.guidance is not None else world_default
 
 
-Arm = Literal["teacher", "pruned", "ddpm", "kd", "bilevel", "two-stage"]
+Arm = Literal["teacher", "pruned", "ddpm", "kd", "bilevel", "two-stage", "two-stage-tuned"]
 
 
 class OutputConfig(Section):

@@ -19,8 +19,10 @@ from bilevel import CONFIG_VERSION
 from bilevel.core.config import RunConfig, Section, build_config, read_config_file, set_dotted, validation_message
 from bilevel.core.errors import BilevelError
 
-Baseline = Literal["teacher", "pruned", "ddpm", "kd", "two-stage"]
-ALL_BASELINES: list[Baseline] = ["teacher", "pruned", "kd", "two-stage"]
+Baseline = Literal["teacher", "pruned", "ddpm", "kd", "two-stage", "two-stage-tuned"]
+#: the two-stage arms (fine-tune, then erase): with the bilevel arm's upper settings, and as a practitioner tunes it
+TWO_STAGE = ("two-stage", "two-stage-tuned")
+ALL_BASELINES: list[Baseline] = ["teacher", "pruned", "kd", "two-stage", "two-stage-tuned"]
 
 # The tiny world's default grid: every built-in pruner x every built-in unlearner, alternating, one seed.
 DEFAULT_PRUNERS = ["bk-sdm", "magnitude", "diff-pruning"]
@@ -96,7 +98,7 @@ def plan_cells(grid: AblationGrid) -> list[Cell]:
     cells: list[Cell] = []
     if "teacher" in grid.baselines:
         cells.append(Cell("teacher", "teacher", ("teacher",), pruner=grid.pruners[0], seed=grid.seeds[0]))
-    needs_kd = "kd" in grid.baselines or "two-stage" in grid.baselines
+    needs_kd = "kd" in grid.baselines or any(a in grid.baselines for a in TWO_STAGE)
     base_arms = tuple(a for a in ("pruned", "ddpm", "kd") if a in grid.baselines or (a == "kd" and needs_kd))
     for seed in grid.seeds:
         for pruner in grid.pruners:
@@ -105,7 +107,7 @@ def plan_cells(grid: AblationGrid) -> list[Cell]:
                 cells.append(Cell(baseline, "baseline", base_arms, pruner=pruner, seed=seed))
             for unlearner in grid.unlearners:
                 for solver in grid.solvers:
-                    arms = ("bilevel", "two-stage") if "two-stage" in grid.baselines else ("bilevel",)
+                    arms = ("bilevel", *(a for a in TWO_STAGE if a in grid.baselines))
                     cells.append(
                         Cell(
                             f"{pruner}--{unlearner}--{solver}--s{seed}",
@@ -115,7 +117,7 @@ def plan_cells(grid: AblationGrid) -> list[Cell]:
                             unlearner=unlearner,
                             solver=solver,
                             seed=seed,
-                            depends_on=baseline if "two-stage" in arms else None,
+                            depends_on=baseline if len(arms) > 1 else None,
                         )
                     )
     return cells

@@ -81,6 +81,7 @@ def write_report(grid: AblationGrid, outcome: GridOutcome) -> Path:
                     "pruner": c.pruner,
                     "unlearner": c.unlearner,
                     "solver": c.bilevel_solver,
+                    "against": c.two_stage.method,
                     "bilevel": c.bilevel.mean,
                     "two_stage": c.two_stage.mean,
                     "suppresses_as_well": c.suppresses_as_well,

@@ -53,6 +53,7 @@ def claim_rows(checks: list[ClaimCheck]) -> list[list[str]]:
                 c.pruner,
                 c.unlearner,
                 c.bilevel_solver,
+                c.two_stage.method,
                 f"{mean_std(c.bilevel, 'concept_rate')} vs {mean_std(c.two_stage, 'concept_rate')}",
                 f"{mean_std(c.bilevel, 'retained_accuracy')} vs {mean_std(c.two_stage, 'retained_accuracy')}",
                 f"{c.suppresses_as_well} ({difference_text(c.concept_difference)})",
@@ -65,7 +66,7 @@ def claim_rows(checks: list[ClaimCheck]) -> list[list[str]]:
 
 
 CLAIM_HEADERS = [
-    "pruner", "unlearner", "solver", "concept rate: bilevel vs two-stage", "retained: bilevel vs two-stage",
+    "pruner", "unlearner", "solver", "against", "concept rate: bilevel vs two-stage", "retained: bilevel vs two-stage",
     "suppresses as well (bilevel - two-stage)", "keeps quality as well (two-stage - bilevel)",
     "KD-only concept / retained", "claim",
 ]  # fmt: skip
@@ -90,7 +91,7 @@ def claim_summary(checks: list[ClaimCheck], margin: float) -> str:
         return f"holds in {count['holds']}, fails in {count['fails']}, inconclusive in {count['inconclusive']} of {len(cs)}"
 
     text = (
-        f"The claim {tally(checks)} settings. Each part is decided from 95% intervals of the difference "
+        f"The claim {tally(checks)} comparisons (each setting against each two-stage arm run). Each part is decided from 95% intervals of the difference "
         f"(Newcombe's for one seed, a paired t-interval over seeds): it fails when bilevel is confidently worse than "
         f"two-stage, holds when it is at most {margin:g} worse at 95% confidence, and is inconclusive when the samples "
         "cannot tell."
@@ -161,7 +162,11 @@ def markdown_report(
     ]
     if checks:
         parts += [markdown_table(CLAIM_HEADERS, claim_rows(checks)), ""]
-    seeds = "mean ± std over seeds" if len(grid.seeds) > 1 else "one seed"
+    seeds = (
+        "rates: mean and 95% interval over seeds (t); the rest: mean ± std over seeds"
+        if len(grid.seeds) > 1
+        else "one seed; rates with their 95% Wilson interval"
+    )
     parts += [f"## Results ({seeds})", "", markdown_table(HEADERS, result_rows(aggregates)), ""]
     parts += ["## Plots", ""] + [f"![{name}]({rel})" for name, rel in plots.items()] + [""]
     parts += ["## Cells", "", markdown_table(CELL_HEADERS, cell_rows(cells, status)), ""]
@@ -186,11 +191,13 @@ def csv_report(aggregates: list[Aggregate]) -> str:
     writer = csv.writer(buf)
     keys = [k for k, _, _ in METRICS]
     writer.writerow(
-        ["method", "pruner", "unlearner", "solver", "n"] + [f"{k}_{s}" for k in keys for s in ("mean", "std")]
+        ["method", "pruner", "unlearner", "solver", "n"]
+        + [f"{k}_{s}" for k in keys for s in ("mean", "std", "ci_low", "ci_high")]
     )
     for a in aggregates:
         values = []
         for k in keys:
-            values += [a.mean.get(k, ""), a.std.get(k, "")]
+            low, high = a.interval.get(k, ("", ""))
+            values += [a.mean.get(k, ""), a.std.get(k, ""), low, high]
         writer.writerow([a.method, a.pruner, a.unlearner, a.solver, a.n] + values)
     return buf.getvalue()

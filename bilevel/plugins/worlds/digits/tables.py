@@ -4,7 +4,7 @@ One table per concept: teacher, pruned, DDPM-only and KD-only (shared by every u
 then two-stage and bilevel per unlearner. One seed: the Wilson interval of the rate; several seeds: the mean and
 a t-interval of the per-seed rates (each seed's own Wilson interval is in its metrics.json).
 
-    python -m bilevel.plugins.worlds.digits.tables runs/digits/*/
+    python -m bilevel.plugins.worlds.digits.tables runs/digits/*/ [--grid docs/img/digits-seven.png --concept seven]
 """
 
 from __future__ import annotations
@@ -67,11 +67,37 @@ def markdown(table: dict[str, dict[str, dict[int, dict]]]) -> str:
     return "\n".join(out)
 
 
+def concept_grid(folders: list[Path], concept: str, path: Path, columns: int = 16) -> None:
+    """One PNG row per arm: its first samples for the concept prompts (word and numeral alternating), seed 0 runs."""
+    from bilevel.plugins.worlds.digits.data import CLASS_NAMES, parse_digit
+    from bilevel.toolkit import image_grid, load_tensors
+
+    group = CLASS_NAMES[parse_digit(concept)]
+    rows = {}
+    for folder in folders:
+        config_file = folder / "config.json"
+        if not (folder / "metrics.json").is_file() or not config_file.is_file():
+            continue
+        config = json.loads(config_file.read_text())
+        if config["concepts"][0] != concept or config["training"]["seed"] != 0:
+            continue
+        for images in sorted((folder / "rows").glob("*.images.safetensors")):
+            arm = images.name.removesuffix(".images.safetensors")
+            label = arm if arm in SHARED else f"{arm} ({config['unlearner']['name']})"
+            rows[LABELS.get(label, label)] = load_tensors(images)[group][:columns]
+    order = [LABELS[a] for a in SHARED if LABELS[a] in rows] + sorted(k for k in rows if k not in LABELS.values())
+    image_grid({k: rows[k] for k in order}, path, columns=columns, label_width=190)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Markdown tables of digits-world runs.")
     parser.add_argument("runs", type=Path, nargs="+", help="run folders (bilevel run --model digits --out ...)")
+    parser.add_argument("--grid", type=Path, help="also write a PNG of every arm's concept samples (seed 0)")
+    parser.add_argument("--concept", default="seven", help="the concept the grid shows")
     args = parser.parse_args(argv)
     print(markdown(load_runs(args.runs)))
+    if args.grid:
+        concept_grid(args.runs, args.concept, args.grid)
 
 
 if __name__ == "__main__":
