@@ -13,6 +13,7 @@ everything a built-in does without reaching into engine modules whose layout may
   `remove_blocks` (BK-SDM);
 - optimiser steps: `gradient_step`, `optimizer_step`, `unscaled_grads` (fp16 loss scaling and data-parallel
   averaging included; a plain `optimizer.step()` would miss both), `lower_step`, `upper_step`;
+- evaluation helpers: `autocast` (the run's mixed precision), `frechet_distance` (on any features);
 - files: `atomic_save_tensors`, `atomic_write_text`, `load_tensors`, `read_format_json`, `image_grid`;
 - attacks: `ConditioningSwap` (render other conditioning in place of the concept prompts through the world's own
   evaluator), `measure_concept_rate` (a concept rate with its Wilson interval), `concept_examples`,
@@ -77,6 +78,9 @@ from bilevel.diffusion.sampling import (
     sample_trajectories,
     uncond_cond_eps,
 )
+from bilevel.evaluators.frechet import (
+    frechet_distance,
+)
 from bilevel.optim.functional import (
     Coupled,
     batch_head,
@@ -124,6 +128,9 @@ from bilevel.runtime.io import (
     load_tensors,
     read_format_json,
 )
+from bilevel.runtime.precision import (
+    autocast,
+)
 from bilevel.runtime.report import (
     image_grid,
 )
@@ -160,6 +167,7 @@ __all__ = [
     "atomic_save_tensors",
     "atomic_write_text",
     "attention_modules",
+    "autocast",
     "batch_head",
     "check_forward",
     "check_word",
@@ -173,6 +181,7 @@ __all__ = [
     "draw_retain",
     "explain_missing_double_backward",
     "explicit_prompts",
+    "frechet_distance",
     "generate_or_load",
     "get_velocity",
     "gradient_step",

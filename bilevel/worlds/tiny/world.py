@@ -11,6 +11,7 @@ import torch
 from bilevel.core.world import EvalOutput
 from bilevel.diffusion.conditioning import PromptBank
 from bilevel.runtime.precision import autocast
+from bilevel.worlds.pixel_pipeline import PixelPipelineWorld
 from bilevel.worlds.tiny.dataset import TinyWorldSample, check_colours, make_dataset
 from bilevel.worlds.tiny.palette import SHAPES, colour_names, prompt_for
 
@@ -19,7 +20,7 @@ DEFAULT_GUIDANCE = 2.0
 
 
 @dataclass
-class TinyWorld:
+class TinyWorld(PixelPipelineWorld):
     pipe: Any  # TinyTextToImagePipeline
     concepts: list[str]
     bank: PromptBank
@@ -50,34 +51,6 @@ class TinyWorld:
         bank.add([""] + [prompt_for(c, s) for c in colour_names() for s in SHAPES])
         return cls(pipe, list(concepts), bank, finetune, concept_data, torch.device(device), precision)
 
-    @property
-    def tokenizer(self):
-        return self.pipe.tokenizer
-
-    @property
-    def teacher(self):
-        return self.pipe.unet
-
-    @property
-    def scheduler_config(self) -> dict:
-        return dict(self.pipe.scheduler.config)
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self.pipe.scheduler.alphas_cumprod.float()
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        cfg = self.pipe.unet.config
-        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return self.sample_shape
-
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return pixels.to(self.device)
-
     def concept_prompts(self, concept: str | None = None) -> list[str]:
         chosen = [concept] if concept else self.concepts
         return [prompt_for(c, s) for c in chosen for s in SHAPES]
@@ -97,6 +70,3 @@ class TinyWorld:
                 concept_samples=settings.concept_sample_count(), steps=settings.steps,
                 guidance=settings.guidance_or(DEFAULT_GUIDANCE), seed=settings.seed,
             )  # fmt: skip
-
-    def pipeline_parts(self) -> dict[str, Any]:
-        return {"text_encoder": self.pipe.text_encoder, "tokenizer": self.pipe.tokenizer, "scheduler": self.pipe.scheduler}

@@ -14,12 +14,11 @@ from __future__ import annotations
 import torch
 
 from bilevel.core.world import EvalOutput, Evaluation, rate_intervals
-from bilevel.diffusion.sampling import sample_images
-from bilevel.evaluators.frechet import frechet_distance
 from bilevel.plugins.worlds.digits.data import CLASS_NAMES, make_dataset, prompts_for
 from bilevel.plugins.worlds.digits.detector import shipped_detector
 from bilevel.plugins.worlds.digits.neighbours import nearest_digits
 from bilevel.plugins.worlds.digits.world import DigitsWorld
+from bilevel.toolkit import frechet_distance, sample_images
 
 #: classes per concept on which collateral is measured
 NEIGHBOURS = 2

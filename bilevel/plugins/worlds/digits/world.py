@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from bilevel.core.world import EvalOutput
-from bilevel.diffusion.conditioning import PromptBank
 from bilevel.plugins.worlds.digits.data import CLASS_NAMES, DigitsSample, make_dataset, parse_digit, prompts_for
-from bilevel.runtime.precision import autocast
+from bilevel.toolkit import PromptBank, autocast
+from bilevel.worlds.pixel_pipeline import PixelPipelineWorld
 
 #: the shipped teacher's stated sampler: DDIM 25 steps at guidance 1.25 (its model card: at 2 it renders badly)
 DEFAULT_GUIDANCE = 1.25
@@ -33,7 +33,7 @@ def _subset(sample: DigitsSample, size: int, seed: int, device: torch.device) ->
 
 
 @dataclass
-class DigitsWorld:
+class DigitsWorld(PixelPipelineWorld):
     pipe: Any  # TinyTextToImagePipeline
     source: Path  # the teacher's pipeline folder (its confusability is cached there)
     concepts: list[str]  # as given ("seven" or "7"); rates are reported under these names
@@ -65,31 +65,6 @@ class DigitsWorld:
     @property
     def retain_digits(self) -> list[int]:
         return [d for d in range(len(CLASS_NAMES)) if d not in self.concept_digits]
-
-    @property
-    def tokenizer(self):
-        return self.pipe.tokenizer
-
-    @property
-    def teacher(self):
-        return self.pipe.unet
-
-    @property
-    def scheduler_config(self) -> dict:
-        return dict(self.pipe.scheduler.config)
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self.pipe.scheduler.alphas_cumprod.float()
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        cfg = self.pipe.unet.config
-        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return self.sample_shape
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1]; RGB inputs (e.g. PNG anchor images) are averaged to the world's one grey channel."""
