@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--concept", action="append", help="concept(s) to measure (default purple)")
     ev.add_argument("--samples", type=int, help="samples per prompt group (default 64)")
     ev.add_argument("--steps", type=int, help="DDIM steps (default 25)")
-    ev.add_argument("--guidance", type=float, help="classifier-free guidance (default 2.0)")
+    ev.add_argument("--guidance", type=float, help="classifier-free guidance (default: the world's stated sampler)")
     ev.add_argument("--seed", type=int, help="sampling seed (default 1234)")
     ev.add_argument("--out", type=Path, help="folder for report.json and grid.png")
     _world_flags(ev)

@@ -33,7 +33,7 @@ def evaluate_model(ref: ModelRef, config: RunConfig, out: Path | None, label: st
         "pipeline": ref.pipeline,
         "world": world.name,
         "concepts": list(config.concepts),
-        "sampler": {"name": "DDIM", "steps": ev.steps, "guidance": ev.guidance, "seed": ev.seed,
+        "sampler": {"name": "DDIM", "steps": ev.steps, "guidance": "world default" if ev.guidance is None else ev.guidance, "seed": ev.seed,
                     "samples_per_group": ev.samples_per_prompt, "concept_samples": ev.concept_sample_count()},
         **row,
         "per_group": result.per_group,

@@ -36,7 +36,8 @@ def measure_concept_rate(
 ) -> RateMeasure:
     """world.evaluate with `samples` per prompt group and `steps` DDIM steps (the rest of `evaluation` kept: the
     guidance, the sampling seed, a Stable Diffusion world's evaluators); evaluation.concept_rates[concept]."""
-    settings = evaluation.model_copy(update={"samples_per_prompt": samples, "steps": steps})
+    update = {"samples_per_prompt": samples, "concept_samples": samples, "steps": steps}  # `samples` per concept too
+    settings = evaluation.model_copy(update=update)
     result = world.evaluate(unet, settings).evaluation
     if concept not in result.concept_rates:
         raise BilevelError(
@@ -44,7 +45,7 @@ def measure_concept_rate(
             f"{', '.join(result.concept_rates) or 'none'}"
         )
     rate = float(result.concept_rates[concept])
-    n = int(result.samples) or samples
+    n = int(result.concept_samples or result.samples) or samples  # the concept group's own size
     return RateMeasure(rate, wilson_interval(round(rate * n), n), n)
 
 

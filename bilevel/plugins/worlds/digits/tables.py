@@ -1,8 +1,9 @@
 """Markdown tables of finished digits-world runs (docs/digits-world.md), every rate with its 95% interval.
 
 One table per concept: teacher, pruned, DDPM-only and KD-only (shared by every unlearner: same seed, same arms),
-then two-stage and bilevel per unlearner. One seed: the Wilson interval of the rate; several seeds: the mean and
-a t-interval of the per-seed rates (each seed's own Wilson interval is in its metrics.json).
+then two-stage and bilevel per unlearner. One seed (or identical rates on every seed): the Wilson interval of the
+rate; several seeds: the mean and a t-interval of the per-seed rates (each seed's own Wilson interval is in its
+metrics.json).
 
     python -m bilevel.plugins.worlds.digits.tables runs/digits/*/ [--grid docs/img/digits-seven.png --concept seven]
 """
@@ -41,7 +42,7 @@ def cell(rows: dict[int, dict], key: str) -> str:
     values = [r[key] for r in rows.values() if r.get(key) is not None]
     if not values:
         return "-"
-    if len(values) == 1:
+    if len(set(values)) == 1:  # one seed, or an arm the training seed does not touch (teacher, pruned): Wilson
         return format_rate(values[0], next(iter(rows.values())).get(f"{key}_ci"))
     mean, low, high = mean_interval(values)
     return format_rate(mean, (max(0.0, low), min(1.0, high)))
