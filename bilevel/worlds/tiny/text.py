@@ -16,6 +16,12 @@ MAX_LENGTH = 8
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     words = SPECIAL + ["a", "shape", "of", "in", "the", "style", "with", "and"] + colour_names() + list(SHAPES)
+    return word_level_tokenizer(words)
+
+
+def word_level_tokenizer(words: list[str], max_length: int = MAX_LENGTH) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over `words` (SPECIAL first; duplicates dropped), wrapping prompts in
+    [BOS] ... [EOS] and padding to `max_length`: small worlds' prompts need no subword model."""
     vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = Whitespace()
@@ -28,7 +34,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         eos_token="[EOS]",
         pad_token="[PAD]",
         unk_token="[UNK]",
-        model_max_length=MAX_LENGTH,
+        model_max_length=max_length,
     )
 
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
-from tokenizers.processors import TemplateProcessing
 from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
 from bilevel.plugins.worlds.digits.data import CLASS_NAMES
 from bilevel.worlds.tiny.text import build_text_encoder as _tiny_text_encoder
+from bilevel.worlds.tiny.text import word_level_tokenizer
 
 SPECIAL = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
 MAX_LENGTH = 8
@@ -23,20 +20,7 @@ def vocabulary() -> list[str]:
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(vocabulary())}
-    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = Whitespace()  # splits "7" as its own word
-    tok.post_processor = TemplateProcessing(
-        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="[BOS]",
-        eos_token="[EOS]",
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        model_max_length=MAX_LENGTH,
-    )
+    return word_level_tokenizer(vocabulary(), MAX_LENGTH)  # Whitespace pre-tokenising splits "7" as its own word
 
 
 def build_text_encoder(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64) -> CLIPTextModel:
