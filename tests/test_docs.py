@@ -94,3 +94,31 @@ def test_quick_start_config_example_is_valid():
     reg = get_registry()
     for kind, choice in (("pruner", config.pruner), ("unlearner", config.unlearner), ("solver", config.solver)):
         reg.create(kind, choice.name, choice.options)
+
+
+def test_plugin_api_example_unlearner_runs(tmp_path, monkeypatch):
+    """The complete unlearner shown in docs/plugin-api.md registers in-process and trains in a run, as written."""
+    import json as _json
+
+    import bilevel
+    from bilevel.cli import main
+    from bilevel.registry import manager
+
+    text = (ROOT / "docs" / "plugin-api.md").read_text()
+    start = text.index("# my_package/my_unlearner.py")
+    source = tmp_path / "my_unlearner.py"
+    source.write_text(text[start : text.index("```", start)])
+    spec = importlib.util.spec_from_file_location("my_unlearner", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(manager, "_IN_PROCESS", [])
+    monkeypatch.setattr(manager, "_REGISTRY", None)
+    bilevel.register(module.MyUnlearner)
+    out = tmp_path / "run"
+    code = main(["run", "--unlearner", "my-unlearner", "--arms", "bilevel", "--steps", "2", "--out", str(out),
+                 "--set", "training.batch_size=4", "--set", "training.upper_batch_size=2",
+                 "--set", "solver.options.upper_every=1", "--set", "evaluation.samples_per_prompt=2",
+                 "--set", "evaluation.steps=2", "--set", "evaluation.latency_repeats=1", "--set", "data.finetune_size=64"])  # fmt: skip
+    assert code == 0
+    history = _json.loads((out / "metrics.json").read_text())["histories"]["bilevel"]
+    assert history[-1]["upper_updates"] == 2 and history[-1]["upper_loss"] > 0
