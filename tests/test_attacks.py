@@ -12,7 +12,6 @@ import bilevel
 from bilevel.cli import main
 from bilevel.core.attack import Attack, AttackConfig, AttackResult
 from bilevel.core.config import EvalConfig, build_config
-from bilevel.core.errors import BilevelError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -91,8 +90,8 @@ def test_paraphrase_renders_the_prompt_file(world, tmp_path) -> None:
     named.write_text('id,prompt,nsfw\n1,"a shape of purple",0\n2,purple,0\n')
     neutral = tmp_path / "neutral.txt"
     neutral.write_text("a green circle\n\na green square\n")
-    shows = attack("paraphrase", prompts=str(named)).run(world.teacher, world, "purple", EVAL)
-    hides = attack("paraphrase", prompts=str(neutral)).run(world.teacher, world, "purple", EVAL)
+    shows = attack("paraphrase", prompts=str(named), aliases=False).run(world.teacher, world, "purple", EVAL)
+    hides = attack("paraphrase", prompts=str(neutral), aliases=False).run(world.teacher, world, "purple", EVAL)
     assert shows.used["prompt_count"] == {"file:named.csv": 2}
     assert shows.concept_rate >= 0.5 and hides.concept_rate == 0.0
 
@@ -108,17 +107,33 @@ def test_attacks_are_deterministic_by_seed(world, pruned, name, options) -> None
     assert first == again
 
 
-def test_tiny_world_has_no_aliases_and_paraphrase_says_so(world) -> None:
-    assert not hasattr(world, "concept_aliases")  # its vocabulary holds no other word for any colour
-    with pytest.raises(BilevelError, match="offers no aliases of 'purple' and no prompt file"):
-        attack("paraphrase").run(world.teacher, world, "purple", EVAL)
+def test_paraphrase_finds_the_concept_on_the_teacher_under_its_second_name(world) -> None:
+    """The teacher learned 'violet' for purple; unlearners are only given 'purple', so the alias is the attack."""
+    assert world.concept_aliases("purple") == ["violet"] and world.concept_aliases("striped") == ["banded"]
+    found = attack("paraphrase", samples=16).run(world.teacher, world, "purple", EVAL)
+    assert "violet" in json.dumps(found.used) and found.concept_rate >= 0.8
+
+
+def test_run_with_robustness_attacks_the_teacher_and_every_trained_arm(tmp_path) -> None:
+    out = tmp_path / "run"
+    sets = ["evaluation.samples_per_prompt=2", "evaluation.concept_samples=2", "evaluation.steps=2",
+            "evaluation.latency_repeats=1", "data.finetune_size=64", "data.concept_size=16", "training.batch_size=4",
+            "training.upper_batch_size=4", "robustness.attacks=[paraphrase, relearn-benign]",
+            "robustness.options=[samples=2, sampler_steps=2, relearn-benign.steps=2, relearn-benign.curve_points=1]"]  # fmt: skip
+    argv = ["run", "--steps", "2", "--robustness", "--out", str(out)]
+    code = main(argv + [a for s in sets for a in ("--set", s)])
+    assert code == 0
+    report = json.loads((out / "robustness.json").read_text())
+    assert [r["arm"] for r in report["rows"]] == ["teacher", "kd", "bilevel"]  # the untrained pruned arm is skipped
+    for row in report["rows"]:
+        assert row["paraphrase"].count("[") == 1 and row["relearn-benign"].count("[") == 1 and row["none"] != "-"
+    assert (out / "robustness" / "bilevel" / "attacks.json").is_file() and "| arm |" in (out / "robustness.md").read_text()
 
 
 @pytest.mark.parametrize(
     "args, fragment",
     [
         (["--attack", "inversoin"], "unknown attack 'inversoin'"),
-        (["--attack", "paraphrase"], "offers no aliases of 'purple'"),
         (["--attack", "inversion", "--set", "bogus=1"], "no selected attack has this option"),
         (["--attack", "inversion", "--set", "relearn-benign.steps=1"], "'relearn-benign' is not selected"),
         (["--attack", "inversion", "--set", "inversion.steps=-1"], "option steps"),

@@ -163,7 +163,7 @@ def test_short_run_writes_rows_with_intervals_for_every_arm(short_run):
     cfg = json.loads((short_run / "config.json").read_text())
     assert cfg["concepts"] == ["seven"] and cfg["model"]["source"] == "digits"
     rows = {r["model"]: r for r in json.loads((short_run / "metrics.json").read_text())["rows"]}
-    assert {"teacher", "pruned", "ddpm", "kd", "bilevel"} <= set(rows)
+    assert {"teacher", "pruned", "kd", "bilevel"} <= set(rows)
     for row in rows.values():
         assert row["quality_metric"] == "fid-digits" and row["concept_samples"] == 4
         for key in ("concept_rate", "concept_rate/seven", "retained_accuracy", "collateral"):

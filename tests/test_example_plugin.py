@@ -77,7 +77,7 @@ def test_plugins_are_listed_with_the_example_as_source(plugin_env):
     schema = bilevel(env, "plugins", "--schema", "uce", cwd=tmp)
     assert schema.returncode == 0 and "preserve_weight" in json.loads(schema.stdout)["properties"]
     bad = bilevel(env, "prune", "--pruner", "random", "--set", "ratoi=0.2", "--out", str(tmp / "bad"), cwd=tmp)
-    assert bad.returncode == 2 and "options: ratio" in bad.stderr  # the plugin's Config is enforced
+    assert bad.returncode == 2 and "options: target_macs, ratio" in bad.stderr  # the plugin's Config is enforced
 
 
 def test_run_with_the_example_unlearner_end_to_end(plugin_env):
@@ -105,7 +105,9 @@ def test_prune_with_the_example_pruner(plugin_env):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "model.safetensors").stat().st_size > 0 and (out / "manifest.json").is_file()
     report = json.loads((out / "prune_report.json").read_text())
-    assert report["pruner"] == "random" and report["options"] == {"ratio": 0.25, "seed": 0, "keep_time_embedding": True}
+    assert report["pruner"] == "random" and report["options"] == {
+        "ratio": 0.25, "seed": 0, "keep_time_embedding": True, "target_macs": None, "prune_heads": False, "round_to": None
+    }
     assert report["ratios"]["params"] < 1.0
 
 

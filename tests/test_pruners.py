@@ -21,7 +21,7 @@ from bilevel.compression.block_removal import (
     student_config,
     teacher_key,
 )
-from bilevel.compression.model_stats import count_params, example_inputs
+from bilevel.compression.model_stats import count_macs, count_params, example_inputs
 from bilevel.compression.student_io import load_student, make_manifest, save_student
 from bilevel.core.errors import BilevelError
 from bilevel.core.interfaces import CalibrationBatch, PruneResult
@@ -99,6 +99,52 @@ def pruned(teacher, calibration) -> dict[str, PruneResult]:
     assert all(torch.equal(before[k], after[k]) for k in before), "a pruner modified the teacher"
     assert not any(p.requires_grad or p.grad is not None for p in teacher.parameters())
     return results
+
+
+def test_channel_pruners_default_to_bk_sdm_small_compute(pruned, teacher) -> None:
+    """Pruners are compared at matched compute: by default a channel pruner keeps BK-SDM Small's share of the MACs
+    (within 5%), though one uniform ratio cannot land there (GroupNorm steps)."""
+    full = count_macs(teacher)
+    small = count_macs(pruned["bk-sdm-small"].student) / full
+    for case in ("magnitude-default", "diff-pruning-100-4"):
+        share = count_macs(pruned[case].student) / full
+        assert abs(share - small) <= 0.05 * small, (case, share, small)
+        assert pruned[case].notes["target_macs"] == 0.64 and abs(pruned[case].notes["macs_share"] - 0.64) < 0.02
+
+
+def test_ratio_replaces_the_mac_target_and_both_are_refused() -> None:
+    from bilevel.plugins.pruners.magnitude import MagnitudeConfig
+
+    assert MagnitudeConfig(ratio=0.3).target_macs is None and MagnitudeConfig().ratio is None
+    with pytest.raises(ValueError, match="ratio or target_macs"):
+        MagnitudeConfig(ratio=0.3, target_macs=0.5)
+
+
+def test_head_pruning_and_round_to_shape_the_student(teacher) -> None:
+    """prune_heads removes whole heads (diffusers' Attention.heads follows); round_to keeps channel multiples."""
+    from diffusers.models.attention_processor import Attention
+
+    registry = get_registry()
+    heads = registry.create("pruner", "magnitude", {"ratio": 0.25, "prune_heads": True}).prune(teacher, None).student
+    first = next(m for m in heads.modules() if isinstance(m, Attention))
+    assert first.heads == 3 and first.to_q.out_features == 3 * 8  # 4 heads of 8 -> 3 heads of 8
+    rounded = registry.create("pruner", "magnitude", {"ratio": 0.25, "round_to": 16}).prune(teacher, None).student
+    convs = [m for m in rounded.modules() if isinstance(m, torch.nn.Conv2d) and m is not rounded.conv_out]
+    assert all(m.out_channels % 16 == 0 for m in convs)
+    for student in (heads, rounded):
+        with torch.no_grad():
+            out = student(**example_inputs(student, 2)).sample
+        assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
+
+
+@pytest.mark.slow  # 30 s: one SD-v1-sized forward under the flop counter
+def test_mac_count_includes_attention() -> None:
+    """FlopCounterMode with the math attention backend sees the attention matmuls torch-pruning's counter omits:
+    on the SD-v1 architecture 398.7 vs 337.5 GMACs (the figures the pruning benchmark reports)."""
+    from bilevel.compression.model_stats import count_macs_with_attention
+
+    sd = UNet2DConditionModel(**SD_V1).eval()
+    assert round(count_macs_with_attention(sd) / 1e9, 1) == 398.7 and round(count_macs(sd) / 1e9, 1) == 337.5
 
 
 def test_registered() -> None:

@@ -117,7 +117,7 @@ def test_invalid_plugin_option_is_one_line():
     with pytest.raises(BilevelError) as err:
         reg.create("pruner", "magnitude", {"ratio": 1.5})
     assert "ratio" in str(err.value) and "\n" not in str(err.value)
-    with pytest.raises(BilevelError, match="options: ratio"):
+    with pytest.raises(BilevelError, match="options: target_macs, ratio"):
         reg.create("pruner", "magnitude", {"ratoi": 0.2})
 
 

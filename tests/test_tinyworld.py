@@ -6,9 +6,9 @@ import json
 
 import torch
 
-from bilevel.worlds.tiny.dataset import make_dataset
-from bilevel.worlds.tiny.detector import NONE, detect
-from bilevel.worlds.tiny.palette import colour_names, nearest_colours
+from bilevel.worlds.tiny.dataset import PLAIN, make_dataset
+from bilevel.worlds.tiny.detector import NONE, detect, detect_stripes
+from bilevel.worlds.tiny.palette import ALIASES, colour_names, names_of, nearest_colours
 
 
 def test_dataset_is_deterministic_by_seed():
@@ -19,11 +19,42 @@ def test_dataset_is_deterministic_by_seed():
 
 
 def test_concept_exclusion_and_inclusion():
-    clean = make_dataset(300, seed=0, exclude=["purple"])
-    assert "purple" not in clean.colours and not any("purple" in p for p in clean.prompts)
+    clean = make_dataset(600, seed=0, exclude=["purple"])
+    words = {w for p in clean.prompts for w in p.split()}
+    assert "purple" not in clean.colours and not words & {"purple", "violet"}  # absent under every name
     assert set(clean.colours) == set(colour_names()) - {"purple"}
+    assert {"crimson", "striped", "banded"} <= words and any(p.split()[1] in ("circle", "square", "triangle") for p in clean.prompts)
     only = make_dataset(50, seed=0, include=["purple", "blue"])
-    assert set(only.colours) == {"purple", "blue"}
+    assert set(only.colours) == {"purple", "blue"} and all(w is not None for w in only.colour_words)
+    unstyled = make_dataset(400, seed=0, exclude=["striped"])
+    assert not any(unstyled.striped) and not {w for p in unstyled.prompts for w in p.split()} & {"striped", "banded"}
+    styled = make_dataset(50, seed=0, include=["striped"])
+    assert all(styled.striped) and all(p.split()[-1] in names_of("striped") for p in styled.prompts)
+
+
+def test_prompt_mix_gives_the_teacher_names_colourless_prompts_and_unasked_style():
+    """The world's distribution: each colour under both names, colourless prompts, and the style drawn when asked
+    and, on a share of the rest, unasked (the property through which KD can re-teach a concept)."""
+    data = make_dataset(4000, seed=1)
+    n = len(data)
+    assert 0.3 < sum(w in ALIASES.values() for w in data.colour_words) / n < 0.45
+    assert 0.1 < sum(w is None for w in data.colour_words) / n < 0.2
+    asked = [w is not None for w in data.style_words]
+    assert all(data.striped[i] for i in range(n) if asked[i])
+    unasked = [data.striped[i] for i in range(n) if not asked[i]]
+    assert 0.2 < sum(unasked) / len(unasked) < 0.3
+    plain = make_dataset(50, seed=1, mix=PLAIN)
+    assert all(p.split()[1] in colour_names() and len(p.split()) == 3 for p in plain.prompts) and not any(plain.striped)
+
+
+def test_stripe_detector_is_accurate_on_real_images():
+    data = make_dataset(2000, seed=12)
+    found = detect_stripes(data.images)
+    striped = [f for f, s in zip(found, data.striped) if s]
+    plain = [f for f, s in zip(found, data.striped) if not s]
+    assert sum(striped) / len(striped) >= 0.97 and not any(plain)
+    labels = detect(data.images).labels  # a striped shape keeps its colour
+    assert sum(a == b for a, b, s in zip(labels, data.colours, data.striped) if s) / len(striped) >= 0.97
 
 
 def test_detector_is_accurate_on_real_images():

@@ -19,7 +19,7 @@ from bilevel.plugins.unlearners.esd import ESD, ESDConfig, esd_target, select_pa
 from bilevel.plugins.unlearners.salun import MASK_FILE, SalUn, SalUnConfig, saliency_mask
 from bilevel.toolkit import PromptBank
 from bilevel.worlds.tiny.architecture import build_tiny_pipeline
-from bilevel.worlds.tiny.dataset import make_dataset
+from bilevel.worlds.tiny.dataset import PromptMix, make_dataset
 from bilevel.worlds.tiny.palette import SHAPES, prompt_for
 
 
@@ -72,7 +72,7 @@ def fake_ctx(student: nn.Module, teacher: nn.Module, **overrides) -> UnlearnCont
 def tiny_ctx(pipe, run_dir: Path | None = None, concepts: tuple[str, ...] = ("purple",), n: int = 8) -> UnlearnContext:
     """A real (untrained) tiny UNet with small data sets."""
     bank = PromptBank(pipe.encode_prompts)
-    concept = make_dataset(n, 1, include=list(concepts))
+    concept = make_dataset(n, 1, include=list(concepts), mix=PromptMix(alias_share=0))  # primary names, as the world
     retain = make_dataset(n, 0, exclude=list(concepts))
     sched = pipe.scheduler
     student = copy.deepcopy(pipe.unet).train().requires_grad_(True)

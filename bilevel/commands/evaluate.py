@@ -23,6 +23,8 @@ def evaluate_model(ref: ModelRef, config: RunConfig, out: Path | None, label: st
     row = {"model": name, **stats.to_json(), **result.metrics}
     columns = [("model", "model"), ("params", "params"), ("macs", "MACs"), ("latency_ms", "latency ms")]
     columns += [(f"concept_rate/{c}", f"{c} rate") for c in config.concepts]
+    columns += [(f"alias_rate/{c}", f"{c} 2nd name") for c in config.concepts]
+    columns += [(f"unasked_rate/{c}", f"{c} unasked") for c in config.concepts]
     columns += [("retained_accuracy", "retained acc"), ("collateral", "collateral")]
     columns += [("quality_distance", world.quality_metric.upper()), ("clip_score", "CLIP")]
     console.print(results_table(f"evaluation ({world.name} world)", [row], [c for c in columns if row.get(c[0]) is not None]))

@@ -17,7 +17,13 @@ from bilevel.core.interfaces import PruneResult
 from bilevel.runtime.report import console, results_table, write_json
 
 REPORT = "prune_report.json"
-COLUMNS = [("model", "model"), ("params", "params"), ("macs", "MACs"), ("latency_ms", "latency (ms)")]
+COLUMNS = [
+    ("model", "model"),
+    ("params", "params"),
+    ("macs", "MACs"),  # attention included
+    ("macs_layers", "MACs (layers only)"),  # torch-pruning's count, as pruning papers report it
+    ("latency_ms", "latency (ms)"),
+]
 
 
 def _jsonable(value: Any) -> Any:
@@ -84,6 +90,7 @@ def prune_to_folder(
     ratios = {
         "params": after.params / before.params,
         "macs": after.macs / before.macs,
+        "macs_layers": after.macs_layers / before.macs_layers,
         "latency_ms": after.latency_ms / before.latency_ms,
     }
     rows = [

@@ -58,6 +58,8 @@ TABLE_COLUMNS = [
     ("macs", "MACs"),
     ("latency_ms", "ms"),
     ("concept_rate", "concept"),
+    ("alias_rate", "2nd name"),  # tiny world: the concept under its second name (the unlearners never see it)
+    ("unasked_rate", "unasked"),  # tiny world: the concept on prompts that do not name it (what KD can re-teach)
     ("retained_accuracy", "retained"),
     ("collateral", "nearest"),
     ("quality_distance", "distance"),  # the world's quality distance (SWD on the tiny world, FID on SD)
@@ -208,6 +210,10 @@ class Run:
             if not self.skip(arm.label):
                 arm.run(self)
         self.report()
+        if self.config.robustness.enabled and processes().is_main:
+            from bilevel.commands.robustness import attack_arms
+
+            attack_arms(self.out, self.config, [row["model"] for row in self.rows])
         return RunResult(self.out, self.rows, self.histories)
 
     # ------------------------------------------------------------------------------------------ shared by the arms
@@ -491,7 +497,7 @@ def _curve_point(state: TrainState, student: nn.Module, world, config: RunConfig
     from bilevel.worlds.resolve import evaluate_world
 
     ev = config.evaluation
-    update = {"samples_per_prompt": ev.curve_samples, "concept_samples": ev.curve_samples}
+    update = {"samples_per_prompt": ev.curve_samples, "concept_samples": ev.curve_samples, "secondary": False}
     small = config.model_copy(update={"evaluation": ev.model_copy(update=update)})
     metrics = evaluate_world(student, world, small).metrics
     keys = ("concept_rate", "retained_accuracy", "clip_score")

@@ -31,6 +31,8 @@ RESULT_FILE = "unlearn.json"
 COLUMNS = [
     ("model", "model"),
     ("concept_rate", "concept rate"),
+    ("alias_rate", "2nd name"),
+    ("unasked_rate", "unasked"),
     ("retained_accuracy", "retained acc"),
     ("collateral", "collateral"),
     ("quality_distance", "distance"),

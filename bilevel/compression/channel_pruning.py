@@ -10,16 +10,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
-from bilevel.compression.model_stats import _Wrapped, example_inputs
+from bilevel.compression.model_stats import _Wrapped, count_macs, example_inputs
 from bilevel.core.interfaces import CalibrationBatch, FeaturePair, PluginConfig, Pruner, PruneResult
 from bilevel.diffusion.features import sd_block_names
 
@@ -42,11 +43,17 @@ def prune_unet_channels(
     *,
     keep_time_embedding: bool = True,
     before_step: Callable[[object, nn.Module], None] | None = None,
+    outer_ratio: float | None = None,
+    prune_heads: bool = False,
+    round_to: int | None = None,
 ) -> tuple[nn.Module, list[FeaturePair]]:
     """Return a channel-pruned copy of `teacher` and the feature pairs (with kept teacher channels).
 
     before_step(pruner, student) runs after the pruner is built and before channels are removed
-    (data-driven importances accumulate gradients there).
+    (data-driven importances accumulate gradients there). outer_ratio (None: `ratio`) applies to the outermost
+    stage (first down block, last up block), so a MAC target can be met finer than one uniform ratio allows.
+    prune_heads: remove whole attention heads (at `ratio`) instead of narrowing every head; round_to: keep channel
+    counts multiples of it (torch-pruning's round_to).
     """
     import torch_pruning as tp
 
@@ -72,10 +79,13 @@ def prune_unet_channels(
             example_inputs(student, 1),
             importance=importance,
             pruning_ratio=ratio,
+            pruning_ratio_dict=_outer_stage(student, outer_ratio),
             ignored_layers=ignored,
             num_heads=dict(num_heads),
-            prune_num_heads=False,
-            prune_head_dims=True,
+            prune_num_heads=prune_heads,
+            prune_head_dims=not prune_heads,
+            head_pruning_ratio=ratio if prune_heads else 0.0,
+            round_to=round_to,
             in_channel_groups={},
             out_channel_groups={},
         )
@@ -87,6 +97,10 @@ def prune_unet_channels(
                 if module in producer_modules and pruner.DG.is_out_channel_pruning_fn(dep.handler):
                     removed[producer_modules[module]].update(int(i) for i in idxs)
             group.prune()
+    if prune_heads:
+        for m in student.modules():
+            if isinstance(m, Attention):
+                m.heads = pruner.num_heads[m.to_q]
     _fix_diffusers_attributes(student)
     student.zero_grad(set_to_none=True)  # drop gradients a data-driven importance accumulated
     student.requires_grad_(True)  # the copy inherits the frozen teacher's flags; a student is trained
@@ -95,6 +109,13 @@ def prune_unet_channels(
         for b in producers
     ]
     return student.eval(), pairs
+
+
+def _outer_stage(unet: nn.Module, ratio: float | None) -> dict[nn.Module, float]:
+    """torch-pruning's per-module ratios for the outermost stage (the highest resolution: most MACs per channel)."""
+    if ratio is None:
+        return {}
+    return {unet.down_blocks[0]: ratio, unet.up_blocks[-1]: ratio}
 
 
 def _out_channels(module: nn.Module) -> int:
@@ -120,11 +141,44 @@ def check_forward(unet: nn.Module) -> None:
         raise RuntimeError(f"pruned UNet returns {out.shape[1]} channels, expected {unet.config.out_channels}")
 
 
+#: BK-SDM Small's share of the teacher's MACs (0.640 on the tiny teacher; about 0.64 on SD-v1 too): channel
+#: pruners prune to the same compute by default, so pruners are compared like for like.
+DEFAULT_TARGET_MACS = 0.64
+
+
 class ChannelPrunerConfig(PluginConfig):
     """Options every channel pruner has; subclasses add their importance's options."""
 
-    ratio: float = Field(0.3, gt=0, lt=1, description="share of channels removed per layer group")
+    target_macs: float | None = Field(
+        DEFAULT_TARGET_MACS,
+        gt=0,
+        lt=1,
+        description="share of the teacher's MACs the student keeps (the per-layer ratio is searched to reach it; "
+        "default: BK-SDM Small's share, so pruners compare at matched compute)",
+    )
+    ratio: float | None = Field(
+        None, gt=0, lt=1, description="share of channels removed per layer group instead of a MAC target"
+    )
     keep_time_embedding: bool = Field(True, description="never prune the timestep embedding MLP")
+    prune_heads: bool = Field(
+        False,
+        description="remove whole attention heads (so the attention matmuls shrink in count, not only in width) "
+        "instead of narrowing every head; off by default until measured to keep quality",
+    )
+    round_to: int | None = Field(
+        None, ge=1, description="keep channel counts multiples of this (e.g. 8 for tensor cores); None: no rounding "
+        "beyond GroupNorm's equal groups",
+    )  # fmt: skip
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ratio_or_target(cls, data: Any) -> Any:
+        """A ratio given alone replaces the default MAC target; both given is ambiguous."""
+        if isinstance(data, dict) and data.get("ratio") is not None:
+            if data.get("target_macs") is not None:
+                raise ValueError("give ratio or target_macs, not both")
+            data = {**data, "target_macs": None}
+        return data
 
 
 @dataclass
@@ -151,12 +205,74 @@ class ChannelPruner(Pruner):
 
     def prune(self, teacher: nn.Module, calibration: CalibrationBatch | None) -> PruneResult:
         cfg = self.config
+        ratio, outer = cfg.ratio, None
+        search: dict[str, Any] = {}
+        shape = {"prune_heads": cfg.prune_heads, "round_to": cfg.round_to}
+        if ratio is None:
+            ratio, outer, search = ratio_for_macs(
+                teacher, cfg.target_macs, keep_time_embedding=cfg.keep_time_embedding, **shape
+            )
         scoring = self.scores(teacher, calibration)
         student, pairs = prune_unet_channels(
-            teacher, scoring.importance, cfg.ratio, keep_time_embedding=cfg.keep_time_embedding,
-            before_step=scoring.before_step,
+            teacher, scoring.importance, ratio, keep_time_embedding=cfg.keep_time_embedding,
+            before_step=scoring.before_step, outer_ratio=outer, **shape,
         )  # fmt: skip
         student.zero_grad(set_to_none=True)
         student.requires_grad_(True)
         check_forward(student)
-        return PruneResult(student=student, manifest=scoring.manifest(), feature_pairs=pairs, notes=scoring.notes())
+        notes = {"ratio": ratio, **({"outer_ratio": outer} if outer is not None else {}), **search, **scoring.notes()}
+        return PruneResult(student=student, manifest=scoring.manifest(), feature_pairs=pairs, notes=notes)
+
+
+#: Outermost-stage ratios tried by the MAC-target search. GroupNorm keeps every group the same size, so a layer
+#: loses channels in steps of one per group (1/8 of a 64-channel layer): one uniform ratio jumps past most targets
+#: (tiny teacher: 0.70 -> 0.60 of the MACs), and pruning the outermost stage at its own ratio fills the gaps.
+OUTER_RATIOS = (None, 0.0, 0.13, 0.26)
+
+
+def ratio_for_macs(
+    teacher: nn.Module,
+    target: float,
+    *,
+    keep_time_embedding: bool = True,
+    tolerance: float = 0.01,
+    tries: int = 8,
+    prune_heads: bool = False,
+    round_to: int | None = None,
+) -> tuple[float, float | None, dict[str, Any]]:
+    """(ratio, outer_ratio) whose student keeps the share of the teacher's MACs nearest `target`: for each outer
+    ratio in OUTER_RATIOS (None: the same as the rest), a bisection on the ratio of the other stages (MACs fall as
+    it rises). How many channels a layer loses depends on the ratios only, not on which channels an importance
+    picks, so the search prunes with the cheap magnitude score and the caller prunes once with its own."""
+    import torch_pruning as tp
+
+    config = json.dumps(dict(teacher.config), sort_keys=True, default=str)
+    key = (config, target, keep_time_embedding, tolerance, tries, prune_heads, round_to)
+    if key in _SEARCHED:
+        return _SEARCHED[key]
+    full = count_macs(teacher)
+    best: tuple[float, float | None, float] = (0.0, None, 1.0)  # (ratio, outer, share)
+    pruned = 0
+    for outer in OUTER_RATIOS:
+        low, high = 0.0, 0.95
+        for _ in range(tries):
+            ratio = (low + high) / 2
+            student, _ = prune_unet_channels(
+                teacher, tp.importance.MagnitudeImportance(p=1), ratio, keep_time_embedding=keep_time_embedding,
+                outer_ratio=outer, prune_heads=prune_heads, round_to=round_to,
+            )  # fmt: skip
+            pruned += 1
+            share = count_macs(student) / full
+            if abs(share - target) < abs(best[2] - target):
+                best = (ratio, outer, share)
+            if abs(share - target) <= tolerance:
+                break
+            low, high = (ratio, high) if share > target else (low, ratio)
+        if abs(best[2] - target) <= tolerance:
+            break
+    _SEARCHED[key] = best[0], best[1], {"target_macs": target, "macs_share": best[2], "ratio_search_prunes": pruned}
+    return _SEARCHED[key]
+
+
+#: searches already made in this process, by architecture (an ablation grid prunes the same teacher many times)
+_SEARCHED: dict[tuple, tuple[float, float | None, dict[str, Any]]] = {}

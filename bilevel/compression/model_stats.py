@@ -1,4 +1,8 @@
-"""Params, MACs (torch-pruning's op counter) and measured forward latency of a UNet."""
+"""Params, MACs and measured forward latency of a UNet.
+
+Two MAC counts: `macs` (torch's FlopCounterMode: every matmul, convolution and scaled-dot-product attention, so the
+attention a channel pruner leaves untouched is counted) and `macs_layers` (torch-pruning's layer counter, which
+omits attention matmuls: what pruning papers report, kept for comparison with them)."""
 
 from __future__ import annotations
 
@@ -14,9 +18,10 @@ from torch import nn
 @dataclass(frozen=True)
 class ModelStats:
     params: int
-    macs: int
+    macs: int  # attention included (FlopCounterMode / 2)
     latency_ms: float
     latency_batch: int
+    macs_layers: int = 0  # torch-pruning's count (no attention matmuls)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -37,8 +42,23 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@torch.no_grad()
+def count_macs_with_attention(unet: nn.Module) -> int:
+    """MACs of one forward at batch 1 and the model's sample size, attention matmuls included (FLOPs / 2)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    # the math backend spells attention as matmuls, which every device's counter sees (the fused CPU kernel is not
+    # registered with FlopCounterMode, so it would count as zero)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        unet(**example_inputs(unet, 1))
+    return int(counter.get_total_flops() // 2)
+
+
 def count_macs(unet: nn.Module) -> int:
-    """MACs of one forward at batch 1 and the model's sample size."""
+    """MACs of one forward at batch 1 and the model's sample size (torch-pruning's layer counter: no attention
+    matmuls; the MAC targets of channel pruners are shares of this count, as in the pruning literature)."""
     import torch_pruning as tp
 
     with contextlib.redirect_stdout(io.StringIO()):  # the counter prints a batch-size warning
@@ -66,7 +86,10 @@ def measure_latency_ms(unet: nn.Module, batch: int = 64, repeats: int = 10) -> f
 def model_stats(unet: nn.Module, latency_batch: int = 64, repeats: int = 10) -> ModelStats:
     was_training = unet.training
     unet.eval()
-    stats = ModelStats(count_params(unet), count_macs(unet), measure_latency_ms(unet, latency_batch, repeats), latency_batch)
+    stats = ModelStats(
+        count_params(unet), count_macs_with_attention(unet), measure_latency_ms(unet, latency_batch, repeats),
+        latency_batch, count_macs(unet),
+    )  # fmt: skip
     unet.train(was_training)
     return stats
 

@@ -153,7 +153,7 @@ class EvalConfig(Section):
     )
     steps: int = Field(25, gt=0, description="DDIM steps")
     guidance: float | None = Field(
-        None, ge=0, description="classifier-free guidance; None: the world's stated sampler (tiny 2.0, SD 2.0, digits 1.25)"
+        None, ge=0, description="classifier-free guidance; None: the world's stated sampler (tiny 1.0, SD 2.0, digits 1.25)"
     )
     seed: int = 1234
     latency_repeats: int = Field(10, gt=0)
@@ -164,6 +164,11 @@ class EvalConfig(Section):
         0, ge=0, description="small evaluations spread over each trained arm (concept/retained curves); 0 = none"
     )
     curve_samples: int = Field(8, gt=0, description="samples per colour group at each curve point")
+    secondary: bool = Field(
+        True,
+        description="also measure each concept under its second name and on prompts that do not name it (the "
+        "re-teaching rate), on worlds that have them (tiny)",
+    )
 
     def concept_sample_count(self) -> int:
         """Samples per concept group: concept rates carry the verdicts, so they get more samples than the rest."""
@@ -182,6 +187,17 @@ class OutputConfig(Section):
     overwrite: bool = False
 
 
+class RobustnessConfig(Section):
+    """`bilevel run --robustness`: after training, attack every trained arm (and the teacher) and tabulate the
+    concept rate under each attack, so "suppressed" is checked against paraphrase, inversion and relearning."""
+
+    enabled: bool = False
+    attacks: list[str] = Field(default_factory=list, description="attack plugins to run (empty: every registered one)")
+    options: list[str] = Field(
+        default_factory=list, description="attack options as `bilevel attack --set` takes them: NAME.key=value"
+    )
+
+
 class RunConfig(Section):
     """Everything one `bilevel run` needs; saved as config.json in the output folder."""
 
@@ -195,8 +211,12 @@ class RunConfig(Section):
     solver: SolverChoice = Field(default_factory=SolverChoice)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
-    arms: list[Arm] = Field(default_factory=lambda: ["teacher", "pruned", "ddpm", "kd", "bilevel"])
+    arms: list[Arm] = Field(
+        default_factory=lambda: ["teacher", "pruned", "kd", "bilevel"],
+        description="what to train and compare; add ddpm (diffusion loss only), two-stage, two-stage-tuned",
+    )
     output: OutputConfig = Field(default_factory=OutputConfig)
+    robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
     reuse_kd_from: Path | None = Field(
         None,
         description="a finished run folder (same pruner, data and training settings) whose KD-only student the "

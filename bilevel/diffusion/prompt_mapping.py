@@ -79,10 +79,14 @@ def non_concept_colours(concepts: list[str]) -> list[str]:
 def remap_prompts(prompts: list[str], concepts: list[str], mode: str, option: str) -> list[str]:
     """One replacement prompt per prompt: mode 'farthest' (farthest non-concept palette colour), 'drop'
     (remove the concept word) or a literal word that replaces the concept word."""
+    from bilevel.worlds.tiny.palette import is_style
+
     out = []
     for p in prompts:
         c = concept_in(p, concepts)
-        if mode == FARTHEST:
+        if mode == FARTHEST and is_style(c):  # a style has no opposite: its partner prompt simply omits it
+            out.append(replace_concept(p, c, None))
+        elif mode == FARTHEST:
             out.append(replace_concept(p, c, farthest_colour(c, concepts)))
         elif mode == DROP:
             out.append(replace_concept(p, c, None))

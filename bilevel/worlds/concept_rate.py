@@ -36,7 +36,8 @@ def measure_concept_rate(
 ) -> RateMeasure:
     """world.evaluate with `samples` per prompt group and `steps` DDIM steps (the rest of `evaluation` kept: the
     guidance, the sampling seed, a Stable Diffusion world's evaluators); evaluation.concept_rates[concept]."""
-    update = {"samples_per_prompt": samples, "concept_samples": samples, "steps": steps}  # `samples` per concept too
+    # `samples` per concept too; an attack reads the concept rate only, so the secondary sets are not sampled
+    update = {"samples_per_prompt": samples, "concept_samples": samples, "steps": steps, "secondary": False}
     settings = evaluation.model_copy(update=update)
     result = world.evaluate(unet, settings).evaluation
     if concept not in result.concept_rates:

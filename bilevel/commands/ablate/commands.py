@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
-from bilevel.commands.ablate.execute import GRID_FILE, GridOutcome, read_status, run_grid
+from bilevel.commands.ablate.execute import GRID_FILE, GridOutcome, cell_folder, read_status, run_grid
 from bilevel.commands.ablate.grid import AblationGrid, load_grid, plan_cells
 from bilevel.core.config import parse_assignment
 from bilevel.core.errors import BilevelError
@@ -40,6 +41,7 @@ def grid_from_args(args: argparse.Namespace) -> AblationGrid:
         "seeds": _seeds(args.seeds),
         "baselines": _names(args.baselines),
         "base": _base_overrides(args.overrides),
+        "robustness": True if args.robustness else None,  # no flag: the grid file (or the default) decides
     }
     return load_grid(args.config, quick=args.quick, overrides=overrides)
 
@@ -54,6 +56,7 @@ def ablate(args: argparse.Namespace) -> int:
     else:
         grid = grid_from_args(args)
         outcome = run_grid(grid, out, overwrite=args.overwrite)
+        attack_unattacked_cells(grid, outcome)
     report = write_report(grid, outcome)
     console.print(f"report: {report} (also report.html, report.csv, report.json, plots/)")
     if args.check_html:
@@ -73,6 +76,32 @@ def ablate(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def attack_unattacked_cells(grid: AblationGrid, outcome: GridOutcome) -> None:
+    """With `robustness`, attack every finished cell that has no robustness.json yet. A run writes DONE before its
+    attacks, so a grid interrupted during them (or whose attacks failed) would otherwise never be attacked: the
+    grid skips finished cells. Attacks already done are read back (robustness/<arm>/attacks.json), not redone."""
+    if not grid.robustness:
+        return
+    from bilevel.commands.ablate.results import ROBUSTNESS_FILE
+    from bilevel.commands.robustness import attack_arms
+    from bilevel.commands.run import DONE, load_saved_config
+
+    for cell in outcome.cells:
+        folder = cell_folder(outcome.out, cell)
+        entry = outcome.status.get(cell.name, {})
+        if entry.get("state") != "done" or not (folder / DONE).is_file() or (folder / ROBUSTNESS_FILE).is_file():
+            continue  # failed this time (retried on the next invocation), unfinished, or attacked already
+        console.rule(f"robustness of finished cell {cell.name}")
+        config = load_saved_config(folder)
+        config = config.model_copy(update={"robustness": config.robustness.model_copy(update={"enabled": True})})
+        arms = [row["model"] for row in json.loads((folder / "metrics.json").read_text())["rows"]]
+        try:
+            attack_arms(folder, config, arms)
+        except BilevelError as exc:  # the report shows it; the next invocation retries
+            entry.update(state="failed", error=f"robustness: {exc}")
+            console.print(f"[red]robustness of cell {cell.name} failed:[/] {exc}")
 
 
 def _saved_grid(out: Path) -> AblationGrid:

@@ -48,12 +48,17 @@ def prepare_grid_dir(grid: AblationGrid, out: Path, overwrite: bool) -> None:
             saved = json.loads(saved_path.read_text())
         except json.JSONDecodeError:
             raise BilevelError(f"{saved_path} is corrupt; pass --overwrite to start this grid again") from None
-        if saved != wanted:
+        # attacking is added after training (cells without robustness.json are attacked after the grid), so a
+        # grid may gain or drop --robustness and continue
+        saved_cmp, wanted_cmp = {**saved, "robustness": None}, {**wanted, "robustness": None}
+        if saved_cmp != wanted_cmp:
             changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
             raise BilevelError(
                 f"{out} holds a different ablation grid (differs in: {', '.join(changed)}); "
                 "rerun with the same grid to continue it, pass --overwrite to replace it, or choose another --out"
             )
+        if saved != wanted:
+            atomic_write_text(saved_path, json.dumps(wanted, indent=2))
         return
     if overwrite:
         shutil.rmtree(out / CELLS, ignore_errors=True)

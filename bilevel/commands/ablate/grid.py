@@ -68,6 +68,11 @@ class AblationGrid(Section):
         description="non-inferiority margin of the claim check: bilevel holds 'at least as well' when, at 95% "
         "confidence, it is at most this much worse than two-stage (0.05 is about 6 samples of 128)",
     )  # fmt: skip
+    robustness: bool = Field(
+        False,
+        description="attack every trained arm of every cell after training (robustness.enabled in each run), so the "
+        "report can tell erased from dormant; costs about one CPU-minute per attack per arm on the tiny world",
+    )
 
     @field_validator("pruners", "unlearners", "solvers", "seeds")
     @classmethod
@@ -124,7 +129,8 @@ def plan_cells(grid: AblationGrid) -> list[Cell]:
 
 
 def cell_config(grid: AblationGrid, cell: Cell, folder: Path, grid_root: Path) -> RunConfig:
-    """The run config of one cell: the grid's base overrides, the cell's plugins, seed, arms and folder."""
+    """The run config of one cell: the grid's base overrides, the cell's plugins, seed, arms, folder and (with
+    `robustness`) the attacks after training."""
     data: dict[str, Any] = {}
     for key, value in grid.base.items():
         set_dotted(data, key, copy.deepcopy(value))
@@ -132,6 +138,8 @@ def cell_config(grid: AblationGrid, cell: Cell, folder: Path, grid_root: Path) -
         if name is not None:
             data[section] = {"name": name, "options": copy.deepcopy(grid.options.get(name, {}))}
     data.setdefault("training", {})["seed"] = cell.seed
+    if grid.robustness:  # keeps any robustness.attacks / .options the base overrides chose
+        set_dotted(data, "robustness.enabled", True)
     data["arms"] = list(cell.arms)
     data["output"] = {"dir": str(folder), "overwrite": False}
     if cell.depends_on is not None:

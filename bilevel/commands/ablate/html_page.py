@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import html
 from pathlib import Path
+from typing import Any
 
 from bilevel.commands.ablate.tables import CELL_HEADERS, CLAIM_HEADERS, COLUMN_NOTES, HEADERS
 
@@ -49,6 +50,15 @@ def _cell(text: str) -> str:
     return html.escape(text)
 
 
+def _robustness(section: dict[str, Any]) -> list[str]:
+    return [
+        f"<h2>{html.escape(section['title'])}</h2>",
+        f"<p>{html.escape(section['note'])}</p>",
+        _table(section["headers"], section["rows"]),
+        _markdown_list(section["lines"]),
+    ]
+
+
 def _markdown_list(lines: list[str]) -> str:
     items = "".join(f"<li>{html.escape(line.removeprefix('- '))}</li>" for line in lines)
     return f"<ul>{items}</ul>"
@@ -65,7 +75,9 @@ def html_report(
     cell_rows: list[list[str]],
     plots: dict[str, Path],
     cell_grids: dict[str, list[Path]],
+    robustness: dict[str, Any] | None = None,
 ) -> str:
+    """robustness: title, note, headers, rows and lines of the concept rate under attack (attacked grids only)."""
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>bilevel ablation report</title>",
         f"<style>{STYLE}</style><script>{CHECK_SCRIPT}</script></head><body>",
@@ -76,7 +88,10 @@ def html_report(
     ]
     if claim_rows:
         parts.append(_table(CLAIM_HEADERS, claim_rows))
-    parts += [f"<h2>{html.escape(result_title)}</h2>", _table(HEADERS, result_rows), "<h2>Plots</h2>"]
+    parts += [f"<h2>{html.escape(result_title)}</h2>", _table(HEADERS, result_rows)]
+    if robustness:
+        parts += _robustness(robustness)
+    parts.append("<h2>Plots</h2>")
     for name, path in plots.items():
         parts.append(
             f"<figure><img alt='{html.escape(name)}' src='{data_uri(path)}'><figcaption>{html.escape(name)}</figcaption></figure>"

@@ -1,11 +1,13 @@
-"""PNG plots of a grid: concept rate and retained accuracy over training steps per method, and a scatter of concept
-rate against quality per cell. matplotlib with the Agg backend (no screen needed)."""
+"""PNG plots of a grid: concept rate and retained accuracy over training steps per method, a scatter of concept
+rate against quality per cell, and (attacked grids) the concept rate along each relearning attack. matplotlib with
+the Agg backend (no screen needed)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from bilevel.commands.ablate.results import Aggregate, Record
+from bilevel.core.stats import mean_interval
 
 METHOD_COLOURS = {
     "teacher": "#444444",
@@ -149,3 +151,84 @@ def plot_scatter(aggregates: list[Aggregate], path: Path) -> Path | None:
 
 def _setting(a: Aggregate) -> str:
     return " / ".join(p for p in (a.unlearner, a.solver) if p != "-")
+
+
+#: a relearning line: (attack step, mean concept rate, band low, band high); the band is None where unknown
+RelearnPoint = tuple[float, float, float | None, float | None]
+_TWO_STAGE_STYLES = {"two-stage": "--", "two-stage (tuned)": ":"}
+
+
+def relearning_series(records: list[Record]) -> dict[str, dict[str, dict[str, list[RelearnPoint]]]]:
+    """attack -> pruner -> line label -> points, for the attacks that relearn (`relearn-*`), averaged over seeds.
+
+    The band is the run's Wilson interval for one seed and a t-interval of the per-seed rates for several (as the
+    tables' rates). The teacher (no pruner) is drawn in every pruner's panel."""
+    pruners = list(dict.fromkeys(r.pruner for r in records if r.pruner != "-")) or ["-"]
+    runs: dict[tuple[str, str, str], list[list[dict]]] = {}
+    for r in records:
+        for attack, curve in r.curves.items():
+            if not attack.startswith("relearn") or len(curve) < 2:
+                continue
+            label = " / ".join([r.method] + [p for p in (r.unlearner, r.solver) if p != "-"])
+            for pruner in pruners if r.pruner == "-" else [r.pruner]:
+                runs.setdefault((attack, pruner, label), []).append(curve)
+    series: dict[str, dict[str, dict[str, list[RelearnPoint]]]] = {}
+    for (attack, pruner, label), curves in runs.items():
+        series.setdefault(attack, {}).setdefault(pruner, {})[label] = _mean_points(curves)
+    return series
+
+
+def _mean_points(curves: list[list[dict]]) -> list[RelearnPoint]:
+    points: list[RelearnPoint] = []
+    for i in range(min(len(c) for c in curves)):
+        rates = [float(c[i]["concept_rate"]) for c in curves]
+        if len(curves) > 1:
+            mean, low, high = mean_interval(rates)
+            points.append((float(curves[0][i]["step"]), mean, max(0.0, low), min(1.0, high)))
+        else:
+            interval = curves[0][i].get("interval")
+            low, high = (float(interval[0]), float(interval[1])) if interval else (None, None)
+            points.append((float(curves[0][i]["step"]), rates[0], low, high))
+    return points
+
+
+def plot_relearning(records: list[Record], path: Path) -> Path | None:
+    """Concept rate vs relearning steps: one panel per relearning attack (columns) and pruner (rows), one line per
+    method and setting (bilevel solid, two-stage dashed, tuned dotted), 95% band shaded; None without curves."""
+    series = relearning_series(records)
+    if not series:
+        return None
+    plt = _pyplot()
+    attacks = list(series)
+    pruners = list(dict.fromkeys(p for by_pruner in series.values() for p in by_pruner))
+    fig, axes = plt.subplots(len(pruners), len(attacks), figsize=(6 * len(attacks), 3.8 * len(pruners)),
+                             squeeze=False)  # fmt: skip
+    for row, pruner in enumerate(pruners):
+        for col, attack in enumerate(attacks):
+            ax = axes[row][col]
+            for label, points in series[attack].get(pruner, {}).items():
+                _relearning_line(ax, label, points)
+            ax.set_title(f"{pruner}: {attack} (lower is more robust)")
+            ax.set_xlabel("relearning steps")
+            ax.set_ylabel("concept rate (95% interval)")
+            ax.set_ylim(-0.03, 1.03)
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _relearning_line(ax, label: str, points: list[RelearnPoint]) -> None:
+    method, *setting = label.split(" / ")
+    colour = _setting_colour(" / ".join(setting)) if setting else METHOD_COLOURS.get(method)
+    steps = [p[0] for p in points]
+    line = ax.plot(steps, [p[1] for p in points], _TWO_STAGE_STYLES.get(method, "-"), marker=".", color=colour,
+                   label=label)[0]  # fmt: skip
+    banded = [p for p in points if p[2] is not None and p[3] is not None]
+    if len(banded) > 1:
+        ax.fill_between([p[0] for p in banded], [p[2] for p in banded], [p[3] for p in banded], alpha=0.12,
+                        color=line.get_color(), linewidth=0)  # fmt: skip

@@ -1,5 +1,6 @@
 """Writes a grid's report from whatever cells have finished: report.md, report.csv, report.json, plots/*.png and
-a self-contained report.html. Rewritable at any time (`bilevel ablate --report-only`)."""
+a self-contained report.html, with the robustness section where cells were attacked. Rewritable at any time
+(`bilevel ablate --report-only`)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ from typing import Any
 from bilevel.commands.ablate.execute import GridOutcome, cell_folder
 from bilevel.commands.ablate.grid import AblationGrid
 from bilevel.commands.ablate.html_page import html_report
-from bilevel.commands.ablate.plots import plot_curves, plot_scatter
+from bilevel.commands.ablate.plots import plot_curves, plot_relearning, plot_scatter
 from bilevel.commands.ablate.results import CLAIM, aggregate, check_claim, collect
 from bilevel.commands.ablate.tables import (
     CELL_HEADERS,
     HEADERS,
+    ROBUSTNESS_NOTE,
+    ROBUSTNESS_TITLE,
+    attack_names,
     cell_rows,
     claim_rows,
     claim_summary,
@@ -23,6 +27,9 @@ from bilevel.commands.ablate.tables import (
     grid_summary,
     markdown_report,
     result_rows,
+    robustness_headers,
+    robustness_lines,
+    robustness_rows,
 )
 from bilevel.commands.run import DONE
 from bilevel.runtime.io import atomic_write_text
@@ -61,6 +68,7 @@ def write_report(grid: AblationGrid, outcome: GridOutcome) -> Path:
         for name, path in (
             ("concept rate and retained accuracy over training", plot_curves(records, out / "plots" / "curves.png")),
             ("concept rate vs quality per cell", plot_scatter(aggregates, out / "plots" / "scatter.png")),
+            ("concept rate while relearning (attack)", plot_relearning(records, out / "plots" / "relearning.png")),
         )
         if path is not None
     }
@@ -90,6 +98,8 @@ def write_report(grid: AblationGrid, outcome: GridOutcome) -> Path:
                     "quality_difference": list(c.quality_difference),
                     "verdict": c.verdict,
                     "holds": c.holds,
+                    "robustness": c.robustness,  # attack -> verdict: the second question, apart from `verdict`
+                    "robustness_difference": {k: list(d) for k, d in c.robustness_differences.items()},
                 }
                 for c in checks
             ],
@@ -115,14 +125,32 @@ def write_report(grid: AblationGrid, outcome: GridOutcome) -> Path:
         cell_rows=cell_rows(outcome.cells, outcome.status),
         plots=plots,
         cell_grids=grids,
+        robustness=_robustness_html(grid, aggregates, checks),
     )
     atomic_write_text(out / "report.html", page)
     _print(aggregates, checks, summary, outcome)
     return out / "report.md"
 
 
+def _robustness_html(grid: AblationGrid, aggregates, checks) -> dict[str, Any] | None:
+    """The robustness section's parts for html_report; None when no cell was attacked."""
+    names = attack_names(aggregates)
+    if not names:
+        return None
+    return {
+        "title": ROBUSTNESS_TITLE,
+        "note": ROBUSTNESS_NOTE.replace("*", "").replace("`", ""),
+        "headers": robustness_headers(names),
+        "rows": robustness_rows(aggregates, names),
+        "lines": robustness_lines(checks, with_solver=len(grid.solvers) > 1),
+    }
+
+
 def _print(aggregates, checks, summary: str, outcome: GridOutcome) -> None:
     console.print(_rich_table("ablation results", HEADERS, result_rows(aggregates)))
+    names = attack_names(aggregates)
+    if names:
+        console.print(_rich_table(ROBUSTNESS_TITLE, robustness_headers(names), robustness_rows(aggregates, names)))
     console.print(summary)
     console.print(_rich_table("cells", CELL_HEADERS, cell_rows(outcome.cells, outcome.status)))
 

@@ -1,6 +1,7 @@
 """Gathers a grid's finished cells into per-arm records, aggregates them over seeds (mean, std) and tests the
 paper's claim: at equal total steps, bilevel suppresses the concept at least as well as two-stage (fine-tune,
-then erase) while keeping quality at least as well."""
+then erase) while keeping quality at least as well; and, where the cells were attacked, the second question: is the
+concept erased, or only dormant (back under another name, a learned embedding, or relearning)?"""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from bilevel.core.stats import (
     difference_interval,
     mean_interval,
     paired_difference_interval,
+    wilson_interval,
 )
 
 METHOD_NAMES = {
@@ -44,6 +46,10 @@ METRICS = [
 ]
 #: the rates (proportions) whose intervals are reported and compared
 RATES = ("concept_rate", "retained_accuracy", "collateral")
+#: metric key prefix of the concept rate under an attack (`bilevel run --robustness`); "attack:none" is the attacks'
+#: own measurement of the untouched model, with their sampler, so it compares with the attacked rates directly
+ATTACK = "attack:"
+ROBUSTNESS_FILE = "robustness.json"
 # Below this KD-only concept rate (or retained accuracy) a setting cannot separate the methods: nothing leaked to
 # suppress, or the student never recovered.
 LEAK = 0.1
@@ -67,6 +73,8 @@ class Record:
     metrics: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # a run's 95% Wilson intervals
+    #: attack name -> concept rate along the attack's steps ([{step, concept_rate, interval}]: relearning curves)
+    curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -93,34 +101,97 @@ class Aggregate:
         return " / ".join(parts)
 
 
+def attack_key(name: str) -> str:
+    return f"{ATTACK}{name}"
+
+
+def is_rate(key: str) -> bool:
+    """A proportion with a 95% interval: the run's rates and every concept rate under attack."""
+    return key in RATES or key.startswith(ATTACK)
+
+
 def collect(out: Path, cells: list[Cell]) -> list[Record]:
-    """Records of every finished cell (an unfinished or failed one contributes nothing)."""
+    """Records of every finished cell (an unfinished or failed one contributes nothing), with the concept rate
+    under each attack where the cell was attacked (its robustness.json)."""
     records: list[Record] = []
     for cell in cells:
         folder = cell_folder(out, cell)
         if not (folder / DONE).is_file():
             continue
         data = json.loads((folder / "metrics.json").read_text())
+        attacked = _robustness_reports(folder)
         for row in data["rows"]:
             arm = row["model"]
             teacher = arm == "teacher"
             trained_by = arm in ("bilevel", "two-stage", "two-stage-tuned")
-            records.append(
-                Record(
-                    cell=cell.name,
-                    method=METHOD_NAMES.get(arm, arm),
-                    arm=arm,
-                    pruner="-" if teacher else str(cell.pruner),
-                    unlearner=str(cell.unlearner) if trained_by else "-",
-                    solver=str(cell.solver) if trained_by else "-",  # two-stage: matched to this solver's steps
-                    seed=cell.seed,
-                    metrics={k: float(row[k]) for k, _, _ in METRICS if isinstance(row.get(k), (int, float))}
-                    | _legacy_distance(row),
-                    history=list(data.get("histories", {}).get(arm) or []),
-                    intervals={k: tuple(row[f"{k}_ci"]) for k in RATES if isinstance(row.get(f"{k}_ci"), list)},
-                )
+            record = Record(
+                cell=cell.name,
+                method=METHOD_NAMES.get(arm, arm),
+                arm=arm,
+                pruner="-" if teacher else str(cell.pruner),
+                unlearner=str(cell.unlearner) if trained_by else "-",
+                solver=str(cell.solver) if trained_by else "-",  # two-stage: matched to this solver's steps
+                seed=cell.seed,
+                metrics={k: float(row[k]) for k, _, _ in METRICS if isinstance(row.get(k), (int, float))}
+                | _legacy_distance(row),
+                history=list(data.get("histories", {}).get(arm) or []),
+                intervals={k: tuple(row[f"{k}_ci"]) for k in RATES if isinstance(row.get(f"{k}_ci"), list)},
             )
+            if arm in attacked:
+                add_attacks(record, attacked[arm])
+            records.append(record)
     return records
+
+
+def _robustness_reports(folder: Path) -> dict[str, dict[str, Any]]:
+    """arm -> its attack report, from the cell's robustness.json (none: the cell ran without --robustness, or its
+    attacks were interrupted before the file was written)."""
+    path = folder / ROBUSTNESS_FILE
+    if not path.is_file():
+        return {}
+    return dict(json.loads(path.read_text()).get("reports") or {})
+
+
+def add_attacks(record: Record, report: dict[str, Any]) -> None:
+    """`attack:<name>` metrics, intervals and curves of one arm from its attack report (`attack:none` from its
+    no-attack measurement). Several concepts are pooled: successes and samples summed, so one rate, one interval."""
+    by_attack: dict[str, list[dict[str, Any]]] = {"none": list(report.get("no_attack") or [])}
+    for result in report.get("results") or []:
+        by_attack.setdefault(result["attack"], []).append(result)
+    for name, entries in by_attack.items():
+        if not entries:
+            continue
+        key = attack_key(name)
+        record.metrics[key], record.intervals[key] = _pooled_rate(entries)
+        curve = _mean_curve(entries)
+        if curve:
+            record.curves[name] = curve
+
+
+def _pooled_rate(entries: list[dict[str, Any]]) -> tuple[float, tuple[float, float]]:
+    """One concept: its rate and Wilson interval as measured; several: pooled over concepts."""
+    if len(entries) == 1:
+        low, high = entries[0]["interval"]
+        return float(entries[0]["concept_rate"]), (float(low), float(high))
+    trials = sum(int(e["samples"]) for e in entries)
+    if trials <= 0:
+        rates = [float(e["concept_rate"]) for e in entries]
+        return sum(rates) / len(rates), (0.0, 1.0)
+    successes = sum(round(float(e["concept_rate"]) * int(e["samples"])) for e in entries)
+    return successes / trials, wilson_interval(successes, trials)
+
+
+def _mean_curve(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One concept: its curve as measured; several: the mean rate at the steps every concept measured (the points
+    carry no sample counts, so no pooled interval: the plot draws such a curve without a band)."""
+    curves = [e.get("curve") or [] for e in entries]
+    if len(curves) == 1:
+        return [dict(p) for p in curves[0]]
+    if not all(curves):
+        return []
+    rates = [{p["step"]: float(p["concept_rate"]) for p in c} for c in curves]
+    steps = [p["step"] for p in curves[0] if all(p["step"] in r for r in rates)]
+    return [{"step": s, "concept_rate": sum(r[s] for r in rates) / len(rates), "interval": None} for s in steps]
 
 
 def aggregate(records: list[Record]) -> list[Aggregate]:
@@ -131,12 +202,13 @@ def aggregate(records: list[Record]) -> list[Aggregate]:
     out = []
     for (method, pruner, unlearner, solver), rs in groups.items():
         rs = sorted(rs, key=lambda r: r.seed)
-        keys = [k for k, _, _ in METRICS if all(k in r.metrics for r in rs)]
+        attacks = [k for k in dict.fromkeys(k for r in rs for k in r.metrics) if k.startswith(ATTACK)]
+        keys = [k for k in [k for k, _, _ in METRICS] + attacks if all(k in r.metrics for r in rs)]
         values = {k: [r.metrics[k] for r in rs] for k in keys}
         mean = {k: sum(v) / len(v) for k, v in values.items()}
         std = {k: _sample_std(v) for k, v in values.items()}
         interval: dict[str, tuple[float, float]] = {}
-        for k in (k for k in RATES if k in values):
+        for k in (k for k in keys if is_rate(k)):
             if len(rs) > 1:
                 _, low, high = mean_interval(values[k])
                 interval[k] = (max(0.0, low), min(1.0, high))
@@ -207,6 +279,26 @@ class ClaimCheck:
     @property
     def holds(self) -> bool:
         return self.verdict == "holds"
+
+    @property
+    def attacks(self) -> list[str]:
+        """Attacks measured on both arms, in bilevel's order (the no-attack measurement aside)."""
+        return [
+            k.removeprefix(ATTACK)
+            for k in self.bilevel.mean
+            if k.startswith(ATTACK) and k != attack_key("none") and k in self.two_stage.mean
+        ]
+
+    @property
+    def robustness_differences(self) -> dict[str, tuple[float, float, float]]:
+        """attack -> (bilevel - two-stage, low, high) of the concept rate under that attack."""
+        return {name: self.difference(self.bilevel, self.two_stage, attack_key(name)) for name in self.attacks}
+
+    @property
+    def robustness(self) -> dict[str, Verdict]:
+        """The second question, erased or dormant: under each attack, is bilevel's concept rate at most two-stage's
+        (plus the margin)? Kept apart from `verdict`, which answers the first question (no attack) alone."""
+        return {name: at_most(d, self.margin) for name, d in self.robustness_differences.items()}
 
 
 def check_claim(aggregates: list[Aggregate], margin: float = 0.05) -> list[ClaimCheck]:

@@ -7,7 +7,7 @@ import io
 from typing import Any
 
 from bilevel.commands.ablate.grid import AblationGrid
-from bilevel.commands.ablate.results import CLAIM, LEAK, METRICS, Aggregate, ClaimCheck
+from bilevel.commands.ablate.results import ATTACK, CLAIM, LEAK, METRICS, Aggregate, ClaimCheck, attack_key
 from bilevel.core.stats import format_rate
 from bilevel.runtime.report import _si
 
@@ -80,6 +80,63 @@ def _kd_cell(c: ClaimCheck) -> str:
 
 
 CELL_HEADERS = ["cell", "arms", "state", "wall time", "note"]
+
+ROBUSTNESS_TITLE = "Robustness (concept rate under attack, 95% interval)"
+ROBUSTNESS_NOTE = (
+    "Erased or dormant? Each cell's arms were attacked after training (`robustness.enabled`). An attack's rate is "
+    "the attacker's best over the variants or checkpoints it tried; *no attack* is the same measurement on the "
+    "untouched model. Against each attack bilevel holds when, at 95% confidence, its concept rate under that attack "
+    "is at most two-stage's plus the margin, fails when it is confidently higher, and is inconclusive otherwise."
+)
+
+
+def attack_names(aggregates: list[Aggregate]) -> list[str]:
+    """Every attack measured in any aggregate, "none" (no attack) first, then in first-seen order."""
+    names = dict.fromkeys(k.removeprefix(ATTACK) for a in aggregates for k in a.mean if k.startswith(ATTACK))
+    return (["none"] if "none" in names else []) + [n for n in names if n != "none"]
+
+
+def robustness_headers(names: list[str]) -> list[str]:
+    return ["method", "pruner", "unlearner", "solver", "seeds"] + ["no attack" if n == "none" else n for n in names]
+
+
+def robustness_rows(aggregates: list[Aggregate], names: list[str]) -> list[list[str]]:
+    """One row per method and setting that was attacked, one column per attack."""
+    return [
+        [a.method, a.pruner, a.unlearner, a.solver, str(a.n)] + [mean_std(a, attack_key(n)) for n in names]
+        for a in aggregates
+        if any(attack_key(n) in a.mean for n in names)
+    ]
+
+
+def robustness_lines(checks: list[ClaimCheck], with_solver: bool = False) -> list[str]:
+    """One line per claim check: bilevel vs that two-stage arm under each attack both were measured with."""
+    lines = []
+    for c in checks:
+        setting = "/".join([c.pruner, c.unlearner] + ([c.bilevel_solver] if with_solver else []))
+        verdicts = c.robustness
+        parts = [f"{name}: {verdicts[name]} ({difference_text(d)})" for name, d in c.robustness_differences.items()]
+        lines.append(f"bilevel vs {c.two_stage.method} ({setting}): " + ("; ".join(parts) or "no attack on both"))
+    return lines
+
+
+def robustness_section(grid: AblationGrid, aggregates: list[Aggregate], checks: list[ClaimCheck]) -> list[str]:
+    """The report's robustness section as Markdown lines; empty when no cell was attacked."""
+    names = attack_names(aggregates)
+    if not names:
+        return []
+    lines = robustness_lines(checks, with_solver=len(grid.solvers) > 1)
+    return [
+        f"## {ROBUSTNESS_TITLE}",
+        "",
+        ROBUSTNESS_NOTE,
+        "",
+        markdown_table(robustness_headers(names), robustness_rows(aggregates, names)),
+        "",
+        *(["Bilevel minus two-stage under each attack, with its 95% interval:", ""] if lines else []),
+        *(f"- {line}" for line in lines),
+        "",
+    ]
 
 
 def claim_summary(checks: list[ClaimCheck], margin: float) -> str:
@@ -168,6 +225,7 @@ def markdown_report(
         else "one seed; rates with their 95% Wilson interval"
     )
     parts += [f"## Results ({seeds})", "", markdown_table(HEADERS, result_rows(aggregates)), ""]
+    parts += robustness_section(grid, aggregates, checks)
     parts += ["## Plots", ""] + [f"![{name}]({rel})" for name, rel in plots.items()] + [""]
     parts += ["## Cells", "", markdown_table(CELL_HEADERS, cell_rows(cells, status)), ""]
     parts += [READING_GUIDE]
@@ -182,6 +240,8 @@ COLUMN_NOTES = [
     ("SWD", "sliced Wasserstein distance between samples and clean data (lower: closer to the data distribution)"),
     ("params / MACs / latency ms", "size and cost of the model (latency: batch 64, on the machine that ran the grid)"),
     ("train s", "training time of that arm; two-stage includes its KD stage, so it compares with bilevel at equal cost"),
+    ("robustness", ("concept rate under each attack (paraphrase, inversion, relearn-*), when the grid ran "
+                    "--robustness; attack:<name> in report.csv and report.json")),
 ]  # fmt: skip
 READING_GUIDE = "## Columns\n" + "\n".join(f"- **{term}**: {text}." for term, text in COLUMN_NOTES) + "\n"
 
@@ -189,7 +249,7 @@ READING_GUIDE = "## Columns\n" + "\n".join(f"- **{term}**: {text}." for term, te
 def csv_report(aggregates: list[Aggregate]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    keys = [k for k, _, _ in METRICS]
+    keys = [k for k, _, _ in METRICS] + [attack_key(n) for n in attack_names(aggregates)]
     writer.writerow(
         ["method", "pruner", "unlearner", "solver", "n"]
         + [f"{k}_{s}" for k in keys for s in ("mean", "std", "ci_low", "ci_high")]

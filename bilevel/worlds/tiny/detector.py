@@ -54,3 +54,23 @@ def detect(images: torch.Tensor, config: DetectorConfig = DetectorConfig()) -> D
         ok = d[j] <= config.max_colour_distance and spread <= config.max_spread
         labels.append(names[j] if ok else NONE)
     return Detection(labels=labels, distances=dists)
+
+
+def detect_stripes(images: torch.Tensor, config: DetectorConfig = DetectorConfig()) -> list[bool]:
+    """Whether each image (N, 3, H, W) in [-1, 1] shows a striped shape: a foreground whose rows alternate, i.e.
+    at least one empty row between foreground rows. The procedural shapes are convex, so a plain shape never has
+    one; an image the colour detector calls empty or noise is never striped."""
+    x = ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
+    bg = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1) / 255.0
+    fg = (x - bg).norm(dim=1) > config.foreground_threshold  # (N, H, W)
+    area = fg.flatten(1).float().mean(1)
+    rows = fg.sum(dim=2)  # (N, H): foreground pixels per row
+    out: list[bool] = []
+    for i in range(len(x)):
+        filled = (rows[i] > 0).nonzero().flatten()
+        if not (config.min_area <= area[i] <= config.max_area) or len(filled) < 2:
+            out.append(False)
+            continue
+        span = rows[i][int(filled[0]) : int(filled[-1]) + 1]
+        out.append(bool((span == 0).any()))
+    return out

@@ -33,7 +33,7 @@ class TinyTextToImagePipeline(DiffusionPipeline):
         prompts: list[str] | str,
         *,
         num_inference_steps: int = 25,
-        guidance_scale: float = 2.0,
+        guidance_scale: float = 1.0,  # the tiny teacher's stated sampler (no guidance; see its model card)
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Images (N, 3, H, W) in [-1, 1]: classifier-free-guided DDIM, one batched forward per step."""

@@ -30,13 +30,13 @@ class TeacherTrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     seed: int = 0
-    steps: int = Field(5000, gt=0)
+    steps: int = Field(6000, gt=0)
     batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0)
     warmup: int = Field(100, ge=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     uncond_prob: float = Field(0.1, ge=0, le=1)
-    dataset_size: int = Field(8192, gt=0)
+    dataset_size: int = Field(16384, gt=0)
     checkpoint_every: int = Field(250, gt=0)
 
 

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from tokenizers.processors import TemplateProcessing
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from bilevel.worlds.tiny.palette import SHAPES, colour_names
+from bilevel.worlds.tiny.palette import ALIASES, COLOURS, SHAPES, STYLES, colour_names
 
 SPECIAL = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
 MAX_LENGTH = 8
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    words = SPECIAL + ["a", "shape", "of", "in", "the", "style", "with", "and"] + colour_names() + list(SHAPES)
+    names = [w for c in colour_names() for w in (c, ALIASES[c])] + [w for s in STYLES.items() for w in s]
+    words = SPECIAL + ["a", "shape", "of", "in", "the", "style", "with", "and"] + names + list(SHAPES)
     return word_level_tokenizer(words)
 
 
@@ -52,3 +54,29 @@ def build_text_encoder(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64
         projection_dim=hidden_size,
     )
     return CLIPTextModel(config).eval()
+
+
+def give_names_meaning(text_encoder: CLIPTextModel, tokenizer: PreTrainedTokenizerFast, seed: int = 0,
+                       shared: float = 0.5) -> None:
+    """Make the frozen encoder's word embeddings carry meaning, as a pretrained CLIP's do: a colour word's embedding
+    is `shared` parts a direction given by its RGB (a fixed random projection of the colour, so similar colours get
+    similar embeddings and a colour's two names point the same way) and the rest a direction of its own; the style's
+    two names share a direction likewise. Without this every word is an unrelated random vector and what a student
+    can do with a colour it never saw depends only on what its weights happened to keep."""
+    emb = text_encoder.get_input_embeddings().weight
+    gen = torch.Generator().manual_seed(seed)
+    dim = emb.shape[1]
+    scale = emb.detach().norm(dim=1).mean()
+    projection = torch.randn(dim, 3, generator=gen)
+    rgb = torch.tensor([COLOURS[c] for c in colour_names()], dtype=torch.float32) / 255.0
+    centred = rgb - rgb.mean(0)
+    groups = {c: (projection @ centred[i], [c, ALIASES[c]]) for i, c in enumerate(colour_names())}
+    groups.update({s: (torch.randn(dim, generator=gen), [s, alias]) for s, alias in STYLES.items()})
+    vocab = tokenizer.get_vocab()
+    with torch.no_grad():
+        for direction, words in groups.values():
+            common = direction / direction.norm()
+            for word in words:
+                own = torch.randn(dim, generator=gen)
+                mixed = shared**0.5 * common + (1 - shared) ** 0.5 * own / own.norm()
+                emb[vocab[word]] = scale * mixed / mixed.norm()

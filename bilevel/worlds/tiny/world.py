@@ -12,11 +12,12 @@ from bilevel.core.world import EvalOutput
 from bilevel.diffusion.conditioning import PromptBank
 from bilevel.runtime.precision import autocast
 from bilevel.worlds.pixel_pipeline import PixelPipelineWorld
-from bilevel.worlds.tiny.dataset import TinyWorldSample, check_colours, make_dataset
-from bilevel.worlds.tiny.palette import SHAPES, colour_names, prompt_for
+from bilevel.worlds.tiny.dataset import PromptMix, TinyWorldSample, check_colours, make_dataset
+from bilevel.worlds.tiny.palette import ALIASES, SHAPES, STYLES, colour_names, is_style, names_of, prompt_for
 
-#: the tiny world's stated sampler: DDIM 25 steps at guidance 2 (what the shipped teacher was measured with)
-DEFAULT_GUIDANCE = 2.0
+#: the tiny world's stated sampler: DDIM 25 steps, no classifier-free guidance (the shipped teacher renders every colour
+#: under both names at >= 0.95 so; guidance 2 desaturates orange and pink below 0.7, see its model card)
+DEFAULT_GUIDANCE = 1.0
 
 
 @dataclass
@@ -47,16 +48,27 @@ class TinyWorld(PixelPipelineWorld):
         size = pipe.unet.config.sample_size
         bank = PromptBank(pipe.encode_prompts, device)
         finetune = make_dataset(finetune_size, seed, size=size, exclude=concepts)
-        concept_data = make_dataset(concept_size, seed + 1, size=size, include=concepts)
-        bank.add([""] + [prompt_for(c, s) for c in colour_names() for s in SHAPES])
+        # unlearners are given the concepts' primary names only (the second names are the paraphrase attack)
+        concept_data = make_dataset(concept_size, seed + 1, size=size, include=concepts, mix=PromptMix(alias_share=0))
+        names = [w for c in colour_names() for w in (c, ALIASES[c], None)]
+        bank.add([""] + [prompt_for(c, s, st) for c in names for s in SHAPES for st in (None, *STYLES)])
         return cls(pipe, list(concepts), bank, finetune, concept_data, torch.device(device), precision)
 
     def concept_prompts(self, concept: str | None = None) -> list[str]:
+        """Colour concepts: `a <colour> <shape>`; a style: `a <shape> <style>` (the style alone, no colour)."""
         chosen = [concept] if concept else self.concepts
-        return [prompt_for(c, s) for c in chosen for s in SHAPES]
+        return [prompt_for(None, s, c) if is_style(c) else prompt_for(c, s) for c in chosen for s in SHAPES]
 
     def retain_colours(self) -> list[str]:
         return [c for c in colour_names() if c not in self.concepts]
+
+    @property
+    def colour_concepts(self) -> list[str]:
+        return [c for c in self.concepts if not is_style(c)]
+
+    @property
+    def style_concepts(self) -> list[str]:
+        return [c for c in self.concepts if is_style(c)]
 
     def retain_prompts(self) -> list[str]:
         return [prompt_for(c, s) for c in self.retain_colours() for s in SHAPES]
@@ -68,5 +80,9 @@ class TinyWorld(PixelPipelineWorld):
             return evaluate_tiny(
                 unet, self, samples_per_colour=settings.samples_per_prompt,
                 concept_samples=settings.concept_sample_count(), steps=settings.steps,
-                guidance=settings.guidance_or(DEFAULT_GUIDANCE), seed=settings.seed,
+                guidance=settings.guidance_or(DEFAULT_GUIDANCE), seed=settings.seed, secondary=settings.secondary,
             )  # fmt: skip
+
+    def concept_aliases(self, concept: str) -> list[str]:
+        """The concept's second name, which the teacher learned and the unlearners are never given."""
+        return [name for name in names_of(concept) if name != concept]

@@ -10,12 +10,13 @@ from bilevel.plugins.worlds.digits.text import build_text_encoder, build_tokeniz
 from bilevel.worlds.tiny.architecture import TEXT_DIM, tiny_scheduler, tiny_unet_config
 from bilevel.worlds.tiny.pipeline import TinyTextToImagePipeline
 
-#: The tiny teacher's widths: the digits world costs the same per step as the tiny world.
+#: The first tiny teacher's widths, groups and heads (what the shipped digits teacher was trained with).
 DEFAULT_CHANNELS: tuple[int, ...] = (16, 32, 32, 32)
+GROUPS, HEADS = 4, 2
 
 
 def digits_unet_config(channels: tuple[int, ...] = DEFAULT_CHANNELS) -> dict:
-    config = tiny_unet_config(tuple(channels))
+    config = tiny_unet_config(tuple(channels), groups=GROUPS, heads=HEADS)
     config.update(sample_size=IMAGE_SIZE, in_channels=CHANNELS, out_channels=CHANNELS)
     return config
 
