@@ -186,3 +186,13 @@ def test_a_third_party_attack_runs_through_the_command(in_process, tmp_path, cap
     (result,) = report["results"]
     assert result["attack"] == "probe" and result["samples"] == 2 and result["used"] == {"boost": 2.0}
     assert report["no_attack"][0]["concept"] == "purple" and "probe" in capsys.readouterr().out
+
+
+def test_upper_aliases_add_the_second_names_to_the_upper_level(world) -> None:
+    """training.upper_aliases: the unlearner also sees the concept under the names an attacker would try."""
+    from bilevel.optim.problem import unlearn_context
+
+    plain = unlearn_context(world.teacher, world.teacher, world, None, 0)
+    hardened = unlearn_context(world.teacher, world.teacher, world, None, 0, aliases=True)
+    assert not any("violet" in p for p in plain.concept_prompts)
+    assert hardened.concept_prompts == plain.concept_prompts + [p.replace("purple", "violet") for p in plain.concept_prompts]

@@ -137,6 +137,11 @@ class TrainingConfig(Section):
         5e-4, gt=0, description="tiny world: 0.5x the lower lr (the paper's 5x with k=10 erased every colour here)"
     )
     warmup: int = Field(25, ge=0)
+    upper_aliases: bool = Field(
+        False,
+        description="the upper level also erases each concept under the world's other names (tiny: the second "
+        "colour names), hardening against paraphrase (AdvUnlearn-style); prompt-mapping unlearners refuse it",
+    )
     weights: LossWeights = Field(default_factory=LossWeights)
     seed: int = 0
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")

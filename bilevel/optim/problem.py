@@ -21,15 +21,16 @@ from bilevel.runtime.precision import attach_loss_scaler, under_autocast
 
 
 def unlearn_context(
-    student: nn.Module, reference: nn.Module, world: World, run_dir: Path | None, seed: int
+    student: nn.Module, reference: nn.Module, world: World, run_dir: Path | None, seed: int, aliases: bool = False
 ) -> UnlearnContext:
-    """Everything an unlearner may use; `reference` is the frozen model its targets come from."""
+    """Everything an unlearner may use; `reference` is the frozen model its targets come from. aliases: the concept
+    prompts also name each concept by the world's other names (paraphrase hardening, AdvUnlearn-style)."""
     has_retain = len(world.finetune) > 0
     return UnlearnContext(
         student=student,
         teacher=reference,
         concepts=list(world.concepts),
-        concept_prompts=world.concept_prompts(),
+        concept_prompts=world.concept_prompts() + (alias_prompts(world) if aliases else []),
         retain_prompts=world.retain_prompts(),
         encode=world.bank,
         concept_images=world.concept_data.images,
@@ -47,6 +48,16 @@ def unlearn_context(
         encode_images=world.encode_images,
         image_shape=world.image_shape,
     )
+
+
+def alias_prompts(world: World) -> list[str]:
+    """Each concept prompt again under each of the concept's other names (none when the world has no aliases)."""
+    from bilevel.diffusion.prompt_mapping import replace_concept
+
+    offered = getattr(world, "concept_aliases", None)
+    if not callable(offered):
+        raise BilevelError(f"training.upper_aliases: world {world.name!r} offers no other names for its concepts")
+    return [replace_concept(p, c, a) for c in world.concepts for a in offered(c) for p in world.concept_prompts(c)]
 
 
 def build_problem(
@@ -115,7 +126,7 @@ def upper_objective(
 ) -> tuple[Objective, dict[str, nn.Parameter]]:  # fmt: skip
     """The unlearner's forgetting loss (prepared once) and the parameters it trains."""
     tc, mc = config.training, config.model
-    ctx = unlearn_context(student, world.teacher, world, run_dir, tc.seed)
+    ctx = unlearn_context(student, world.teacher, world, run_dir, tc.seed, aliases=tc.upper_aliases)
     with main_first():  # rank 0 writes the unlearner's caches in run_dir, the other processes then read them
         under_autocast(unlearner.prepare, mc.mixed_precision, world.device)(ctx)
     upper_draw = under_autocast(unlearner.draw, mc.mixed_precision, world.device)
