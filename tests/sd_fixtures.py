@@ -182,3 +182,15 @@ def build_tiny_clip(folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(str(folder), safe_serialization=True)
     processor.save_pretrained(str(folder))
     return folder
+
+
+def write_random_pngs(folder: Path, count: int, seed: int, size: int = IMAGE_SIZE) -> list[Path]:
+    """`count` random RGB PNGs (0.png, 1.png, ...) in a new folder: image data for SD-world tests."""
+    from PIL import Image
+
+    folder.mkdir()
+    gen = torch.Generator().manual_seed(seed)
+    paths = [folder / f"{i}.png" for i in range(count)]
+    for path in paths:
+        Image.fromarray((torch.rand(size, size, 3, generator=gen) * 255).byte().numpy()).save(path)
+    return paths

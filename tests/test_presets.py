@@ -10,9 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from PIL import Image
 
 from bilevel.cli import main
 from bilevel.core import presets
@@ -181,18 +179,13 @@ def test_no_preset_is_unchanged(monkeypatch):
 # ------------------------------------------------------------------------------------------------ end to end
 def test_paper_preset_runs_on_a_mini_sd_pipeline(tmp_path, capsys):
     """--preset paper with a v-prediction SD-format pipeline: the saved config is the preset plus the overrides."""
-    from sd_fixtures import IMAGE_SIZE, build_tiny_clip, build_tiny_sd
+    from sd_fixtures import IMAGE_SIZE, build_tiny_clip, build_tiny_sd, write_random_pngs
 
     model = build_tiny_sd(tmp_path / "sd-v", prediction_type="v_prediction")
     clip = build_tiny_clip(tmp_path / "clip")
     data = tmp_path / "data"
-    data.mkdir()
-    gen = torch.Generator().manual_seed(0)
-    for i in range(4):
-        Image.fromarray((torch.rand(IMAGE_SIZE, IMAGE_SIZE, 3, generator=gen) * 255).byte().numpy()).save(
-            data / f"{i}.png"
-        )
-        (data / f"{i}.txt").write_text(["a red house", "a tree in a field"][i % 2])
+    for i, image in enumerate(write_random_pngs(data, 4, seed=0)):
+        image.with_suffix(".txt").write_text(["a red house", "a tree in a field"][i % 2])
     out = tmp_path / "run"
     overrides = [
         f"data.finetune_data={data}", f"data.resolution={IMAGE_SIZE}", "data.concept_size=4",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from sd_fixtures import IMAGE_SIZE, build_tiny_clip, build_tiny_sd
+from sd_fixtures import IMAGE_SIZE, build_tiny_clip, build_tiny_sd, write_random_pngs
 
 from bilevel.cli import main
 
@@ -373,12 +373,7 @@ def test_concept_ablation_anchor_folder_is_vae_encoded_on_stable_diffusion(sd, t
     from bilevel.plugins.unlearners.concept_ablation import ConceptAblation, ConceptAblationConfig
 
     anchors = tmp_path / "anchors"
-    anchors.mkdir()
-    gen = torch.Generator().manual_seed(1)
-    for i in range(3):
-        Image.fromarray((torch.rand(IMAGE_SIZE, IMAGE_SIZE, 3, generator=gen) * 255).byte().numpy()).save(
-            anchors / f"{i}.png"
-        )
+    write_random_pngs(anchors, 3, seed=1)
     out = tmp_path / "erased"
     code = main(["unlearn", str(sd["model"]), "--concept", CONCEPT, "--unlearner", "concept-ablation", "--steps", "1",
                  "--batch-size", "2", "--set", f"anchor_images={anchors}", "--set", "anchor=drop",

@@ -4,6 +4,7 @@ embedding or further fine-tuning?"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,7 @@ SKIPPED_ARMS = ("pruned",)
 def attack_arms(out: Path, config: RunConfig, arms: list[str]) -> dict[str, Any]:
     """Attack the teacher and each trained student of the run in `out` (students/<arm>); an arm whose attacks are
     already in robustness/<arm>/attacks.json (an interrupted run resumed) is read back, not attacked again."""
-    import json
-
+    from bilevel.commands.ablate.tables import markdown_table
     from bilevel.commands.attack import attack_model
     from bilevel.registry import get_registry
 
@@ -45,7 +45,8 @@ def attack_arms(out: Path, config: RunConfig, arms: list[str]) -> dict[str, Any]
     console.print(results_table("concept rate under attack [95%]", table, columns))
     summary = {"attacks": list(names), "rows": table, "reports": reports}
     write_json(out / "robustness.json", summary)
-    atomic_write_text(out / "robustness.md", markdown_table(table, columns))
+    cells = [[str(row.get(key, "-")) for key, _ in columns] for row in table]
+    atomic_write_text(out / "robustness.md", markdown_table([h for _, h in columns], cells) + "\n")
     return summary
 
 
@@ -67,7 +68,3 @@ def robustness_rows(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             rows.append(row)
     return rows
 
-
-def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
-    head = "| " + " | ".join(h for _, h in columns) + " |\n|" + "---|" * len(columns) + "\n"
-    return head + "".join("| " + " | ".join(str(r.get(k, "-")) for k, _ in columns) + " |\n" for r in rows)

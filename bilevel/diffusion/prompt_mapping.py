@@ -46,6 +46,12 @@ def replace_concept(prompt: str, concept: str, word: str | None) -> str:
     return " ".join(out.split())
 
 
+def alias_prompts(concept_prompts: list[str], concept: str, alias: str) -> list[str]:
+    """Each concept prompt with the concept word replaced by the alias (the alias alone where a prompt does not
+    name the concept, as Stable Diffusion's explicit concept prompts need not)."""
+    return [q if (q := replace_concept(p, concept, alias)) != p else alias for p in concept_prompts]
+
+
 def farthest_colour(concept: str, exclude: list[str]) -> str:
     """The tiny-world palette colour farthest (RGB) from `concept`, skipping `exclude` (the other concepts)."""
     from bilevel.worlds.tiny.palette import colour_names, palette_tensor

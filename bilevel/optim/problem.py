@@ -30,7 +30,7 @@ def unlearn_context(
         student=student,
         teacher=reference,
         concepts=list(world.concepts),
-        concept_prompts=world.concept_prompts() + (alias_prompts(world) if aliases else []),
+        concept_prompts=world.concept_prompts() + (prompts_under_aliases(world) if aliases else []),
         retain_prompts=world.retain_prompts(),
         encode=world.bank,
         concept_images=world.concept_data.images,
@@ -50,14 +50,14 @@ def unlearn_context(
     )
 
 
-def alias_prompts(world: World) -> list[str]:
-    """Each concept prompt again under each of the concept's other names (none when the world has no aliases)."""
-    from bilevel.diffusion.prompt_mapping import replace_concept
+def prompts_under_aliases(world: World) -> list[str]:
+    """Each concept prompt again under each of the concept's other names."""
+    from bilevel.diffusion.prompt_mapping import alias_prompts
 
     offered = getattr(world, "concept_aliases", None)
     if not callable(offered):
         raise BilevelError(f"training.upper_aliases: world {world.name!r} offers no other names for its concepts")
-    return [replace_concept(p, c, a) for c in world.concepts for a in offered(c) for p in world.concept_prompts(c)]
+    return [p for c in world.concepts for a in offered(c) for p in alias_prompts(world.concept_prompts(c), c, a)]
 
 
 def build_problem(

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from bilevel.core.attack import Attack, AttackConfig, AttackResult
 from bilevel.core.errors import BilevelError
-from bilevel.toolkit import measure_swapped_rate, read_prompt_file, replace_concept
+from bilevel.toolkit import alias_prompts, measure_swapped_rate, read_prompt_file
 
 
 class ParaphraseConfig(AttackConfig):
@@ -20,12 +20,6 @@ class ParaphraseConfig(AttackConfig):
     )  # fmt: skip
     limit: int = Field(256, gt=0, description="use at most this many prompts of the file")
     aliases: bool = Field(True, description="try each of the world's aliases of the concept (World.concept_aliases)")
-
-
-def alias_prompts(concept_prompts: list[str], concept: str, alias: str) -> list[str]:
-    """Each concept prompt with the concept word replaced by the alias (the alias alone where a prompt does not
-    name the concept, as Stable Diffusion's explicit concept prompts need not)."""
-    return [q if (q := replace_concept(p, concept, alias)) != p else alias for p in concept_prompts]
 
 
 class Paraphrase(Attack):

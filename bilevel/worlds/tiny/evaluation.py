@@ -27,7 +27,7 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 128,
 
 
 @dataclass
-class _Groups:
+class PromptGroups:
     """Prompt groups sampled in one batch: label -> prompts; rows are kept in insertion order."""
 
     prompts: dict[str, list[str]]
@@ -71,7 +71,7 @@ def evaluate_tiny(
     colours = colour_names()
     n_concept = concept_samples or samples_per_colour
     colour_concepts, style_concepts = world.colour_concepts, world.style_concepts
-    groups = _Groups({})
+    groups = PromptGroups({})
     for c in colours:
         groups.add(c, lambda i, c=c: prompt_for(c, _shape(i)), n_concept if c in colour_concepts else samples_per_colour)
     for s in style_concepts:
@@ -103,13 +103,14 @@ def evaluate_tiny(
         flags = [f for label in labels for f in stripes[rows[label]]]
         return sum(flags), len(flags)
 
-    per_colour = {c: hits_of(c, c)[0] / len(groups.prompts[c]) for c in colours}
+    own = {c: hits_of(c, c) for c in colours}  # each colour group rendered in its own colour: (hits, samples)
+    per_colour = {c: k / n for c, (k, n) in own.items()}
     counts: dict[str, tuple[int, int]] = {}
     extra: dict[str, float] = {}
     near_of: dict[str, list[str]] = {}
     col_idx = {c: i for i, c in enumerate(colours)}
     for c in colour_concepts:
-        counts[f"concept_rate/{c}"] = hits_of(c, c)
+        counts[f"concept_rate/{c}"] = own[c]
         extra[f"concept_distance/{c}"] = float(det.distances[rows[c], col_idx[c]].clamp(max=2.0).mean())
         near_of[c] = [n for n in nearest_colours(c, k=len(COLOURS) - 1) if n not in colour_concepts][:2]
         extra[f"collateral/{c}"] = sum(per_colour[n] for n in near_of[c]) / len(near_of[c])
@@ -128,9 +129,9 @@ def evaluate_tiny(
         parts = [counts[f"{key}/{c}"] for c in world.concepts if f"{key}/{c}" in counts]
         if parts:
             counts[key] = (sum(k for k, _ in parts), sum(n for _, n in parts))
-    counts["retained_accuracy"] = (sum(hits_of(c, c)[0] for c in retain), sum(len(groups.prompts[c]) for c in retain))
+    counts["retained_accuracy"] = (sum(own[c][0] for c in retain), sum(own[c][1] for c in retain))
     if near:
-        counts["collateral"] = (sum(hits_of(n, n)[0] for n in near), sum(len(groups.prompts[n]) for n in near))
+        counts["collateral"] = (sum(own[n][0] for n in near), sum(own[n][1] for n in near))
     rates = {key: k / n for key, (k, n) in counts.items()}
     for key in ("alias_rate", "unasked_rate"):
         extra.update({k: v for k, v in rates.items() if k == key or k.startswith(f"{key}/")})

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from bilevel.core.stats import wilson_interval
 from bilevel.diffusion.sampling import sample_images
 from bilevel.worlds.tiny.detector import NONE, detect, detect_stripes
+from bilevel.worlds.tiny.evaluation import PromptGroups
 from bilevel.worlds.tiny.palette import ALIASES, SHAPES, STYLES, colour_names, prompt_for
 
 
@@ -45,12 +46,13 @@ def measure_names(
     pipe, *, samples: int = 64, steps: int = 25, guidance: float = 1.0, seed: int = 1234
 ) -> NameQuality:
     words = [w for c in colour_names() for w in (c, ALIASES[c])]
-    groups: dict[str, list[str]] = {w: [prompt_for(w, SHAPES[i % 3]) for i in range(samples)] for w in words}
-    for style, alias in STYLES.items():
-        for w in (style, alias):
-            groups[f"style:{w}"] = [prompt_for(None, SHAPES[i % 3], w) for i in range(samples)]
-    groups["colourless"] = [prompt_for(None, SHAPES[i % 3]) for i in range(samples)]
-    prompts = [p for group in groups.values() for p in group]
+    groups = PromptGroups({})
+    for w in words:
+        groups.add(w, lambda i, w=w: prompt_for(w, SHAPES[i % 3]), samples)
+    for w in (w for pair in STYLES.items() for w in pair):
+        groups.add(f"style:{w}", lambda i, w=w: prompt_for(None, SHAPES[i % 3], w), samples)
+    groups.add("colourless", lambda i: prompt_for(None, SHAPES[i % 3]), samples)
+    prompts = groups.flat()
     cfg = pipe.unet.config
     images = sample_images(
         pipe.unet, dict(pipe.scheduler.config), pipe.encode_prompts(prompts), pipe.encode_prompts([""]),
@@ -59,10 +61,7 @@ def measure_names(
     )  # fmt: skip
     labels, stripes = detect(images).labels, detect_stripes(images)
     colour_of = {w: c for c in colour_names() for w in (c, ALIASES[c])}
-    rows, start = {}, 0
-    for key, group in groups.items():
-        rows[key] = range(start, start + len(group))
-        start += len(group)
+    rows = {key: range(sl.start, sl.stop) for key, sl in groups.slices().items()}
     hits = {w: sum(labels[i] == colour_of[w] for i in rows[w]) for w in words}
     plain = [i for w in words for i in rows[w]]
     less = [labels[i] for i in rows["colourless"]]
