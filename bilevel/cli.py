@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--out", type=Path, help="grid folder (default runs/ablation, or runs/ablation-quick)")
     ab.add_argument("--overwrite", action="store_true", help="replace a different grid in --out")
     ab.add_argument("--report-only", action="store_true", help="rewrite the report from finished cells; run nothing")
+    ab.add_argument("--jobs", default="auto", metavar="N",
+                    help="cells run at once, one worker process each (default auto: one per core on a CPU, 1 on a "
+                    "GPU); results do not depend on it beyond the threads each cell gets")  # fmt: skip
     ab.add_argument("--robustness", action="store_true",
                     help="attack every trained arm of every cell after training (about a CPU-minute per attack per "
                     "arm on the tiny world); the report adds the concept rate under attack")  # fmt: skip

@@ -8,6 +8,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep: no spin-wait on a shared machine
+os.environ.setdefault("BILEVEL_WORKERS", "1")  # arms and cells in turn: a worker's start-up outweighs a 10-step test arm
 
 import pytest
 import torch

@@ -116,6 +116,23 @@ def test_an_interrupted_grid_continues_where_it_stopped(grid_run, tmp_path, monk
     assert (victim / "DONE").is_file()
 
 
+def test_cells_run_side_by_side_in_worker_processes(grid_run, tmp_path):
+    """--jobs 2: the unfinished cells run in two worker processes at once; each finishes as a resumed cell would."""
+    out = tmp_path / "grid"
+    shutil.copytree(grid_run, out)
+    (tmp_path / "grid.yaml").write_text((grid_run.parent / "grid.yaml").read_text())
+    for name in ("bk-sdm--esd--alternating--s0", "bk-sdm--esd--alternating--s1"):
+        (out / "cells" / name / "DONE").unlink()
+        shutil.rmtree(out / "cells" / name / "rows")
+        shutil.rmtree(out / "cells" / name / "checkpoints")
+    assert _ablate(out, "--jobs", "2") == 0
+    status = json.loads((out / "cells.json").read_text())
+    for name in ("bk-sdm--esd--alternating--s0", "bk-sdm--esd--alternating--s1"):
+        assert (out / "cells" / name / "DONE").is_file() and status[name]["state"] == "done"
+        assert "bilevel fine-tuning" in (out / "logs" / f"{name}.log").read_text()
+    assert not (out / "logs" / "teacher.log").exists()  # finished cells are not run again
+
+
 def test_a_different_grid_in_the_folder_is_refused(grid_run, capsys):
     assert main(["ablate", "--out", str(grid_run), "--pruners", "magnitude", *SMALL]) == 2
     err = capsys.readouterr().err.strip()

@@ -164,22 +164,29 @@ class Run:
     grids: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     trained: dict[str, tuple[nn.Module, float]] = field(default_factory=dict)
+    from_workers: set[str] = field(default_factory=set)  # arms this run ran side by side in worker processes
 
     @classmethod
-    def start(cls, config: RunConfig, resume: bool) -> Run:
-        """Resolve the plugins, build the world, prune, then (only then) claim the output folder."""
+    def start(cls, config: RunConfig, resume: bool, announce: bool = True) -> Run:
+        """Resolve the plugins, build the world, prune, then (only then) claim the output folder. A resumed run
+        takes the pruned student it saved instead of pruning again (the very start the interrupted run used)."""
         from bilevel.worlds.resolve import build_world
 
         torch.manual_seed(config.training.seed)
         pruner, unlearner, solver = resolve_plugins(config)
         world = build_world(config)  # tiny world, Stable Diffusion, a plugin's: bad concepts fail before loading
-        t0 = time.perf_counter()
-        pruned: PruneResult = pruner.prune(world.teacher, calibration_batch(world))  # an unfit pruner writes nothing
-        prune_seconds = time.perf_counter() - t0
-        provenance = {  # the framework records what made the student (and, for `bilevel export`, its pipeline)
-            "pruner": pruner.name, "options": pruner.config.model_dump(mode="json"), **pruned.manifest,
-            "teacher": absolute_source(config.model.source), "world": world.name,
-        }  # fmt: skip
+        saved_pruned = Path(config.output.dir or "") / "students" / "pruned"
+        if resume and (saved_pruned / WEIGHTS).is_file():
+            pruned, prune_seconds, provenance = _saved_pruned(saved_pruned, config.model.device)
+        else:
+            t0 = time.perf_counter()
+            pruned = pruner.prune(world.teacher, calibration_batch(world))  # an unfit pruner writes nothing
+            prune_seconds = time.perf_counter() - t0
+            provenance = {  # the framework records what made the student (and, for `bilevel export`, its pipeline)
+                "pruner": pruner.name, "options": pruner.config.model_dump(mode="json"), **pruned.manifest,
+                "teacher": absolute_source(config.model.source), "world": world.name,
+                "prune_seconds": prune_seconds,
+            }  # fmt: skip
         if resume:
             out = prepare_output_dir(config, resume=True)
         else:
@@ -192,21 +199,22 @@ class Run:
             out = on_main(start_output)  # rank 0 writes; every process gets the folder (or rank 0's error)
         procs = processes()
         verb = "resuming" if resume else "bilevel run"
-        console.print(
-            f"[bold]{verb}[/] -> {out}  (pruner={pruner.name}, unlearner={unlearner.name}, solver={solver.name})"
-        )
+        if announce:
+            console.print(
+                f"[bold]{verb}[/] -> {out}  (pruner={pruner.name}, unlearner={unlearner.name}, solver={solver.name})"
+            )
         if procs.multi:
             console.print(f"data-parallel over {procs.world_size} processes (rank 0 writes and evaluates)")
-        if resume and (out / "students" / "pruned" / WEIGHTS).is_file():
-            _load_weights(pruned.student, out / "students" / "pruned")  # the very start the interrupted run used
-        elif procs.is_main:
+        if not (resume and (out / "students" / "pruned" / WEIGHTS).is_file()) and procs.is_main:
             manifest = make_manifest(pruned.student, pruned.feature_pairs, **provenance)
             save_student(out / "students" / "pruned", pruned.student, manifest)
         done = _finished_rows(out) if resume else {}
         return cls(config, world, pruner, unlearner, solver, pruned, prune_seconds, out, resume, done, provenance)
 
     def execute(self) -> RunResult:
-        for arm in arms_of(self.config):
+        arms = arms_of(self.config)
+        self.run_independent_arms_side_by_side([a.label for a in arms if a.label not in self.done])
+        for arm in arms:
             if not self.skip(arm.label):
                 arm.run(self)
         self.report()
@@ -215,6 +223,22 @@ class Run:
 
             attack_arms(self.out, self.config, [row["model"] for row in self.rows])
         return RunResult(self.out, self.rows, self.histories)
+
+    def run_independent_arms_side_by_side(self, pending: list[str]) -> None:
+        """On a multi-core CPU, the arms that need only the pruned student run in worker processes at once
+        (training.parallel_arms); their rows then count as finished, as in a resumed run."""
+        from bilevel.commands.arm_workers import INDEPENDENT_ARMS, run_side_by_side, worker_count
+
+        procs = processes()
+        workers = worker_count(
+            self.config.training.parallel_arms, self.config.model.device, pending, procs.multi
+        )
+        if workers < 2:
+            return
+        side_by_side = [a for a in pending if a in INDEPENDENT_ARMS]
+        run_side_by_side(self.out, side_by_side, workers, lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+        self.done = _finished_rows(self.out)
+        self.from_workers.update(side_by_side)
 
     # ------------------------------------------------------------------------------------------ shared by the arms
     def evaluate(
@@ -243,7 +267,8 @@ class Run:
         """A finished arm of the resumed run: reuse its row instead of redoing it."""
         if label not in self.done:
             return False
-        console.print(f"{label}: finished before the interruption; kept")
+        if label not in self.from_workers:
+            console.print(f"{label}: finished before the interruption; kept")
         self.keep(label, *self.done[label])
         return True
 
@@ -296,7 +321,7 @@ class Run:
         if procs.is_main:
             manifest = make_manifest(student, self.pruned.feature_pairs, **self.provenance, arm=arm)
             save_student(self.out / "students" / arm, student, manifest)
-        extra = {"train_seconds": seconds, "world_size": procs.world_size, **(info or {})}
+        extra = {"train_seconds": seconds, "world_size": procs.world_size, "threads": torch.get_num_threads(), **(info or {})}
         if procs.multi:
             extra["in_sync"] = True  # train's check_in_sync passed
         self.evaluate(arm, student, extra, self.histories.get(arm))
@@ -472,6 +497,18 @@ def _load_weights(model: nn.Module, folder: Path) -> nn.Module:
     with torch.no_grad():
         model.load_state_dict(state, strict=True)
     return model
+
+
+def _saved_pruned(folder: Path, device: str) -> tuple[PruneResult, float, dict[str, Any]]:
+    """The pruned student a run saved, rebuilt from its manifest (no second pruning, so no second importance
+    pass or ratio search), with what made it."""
+    from bilevel.compression.student_io import load_student
+    from bilevel.core.interfaces import FeaturePair
+
+    student, manifest = load_student(folder, device)
+    pairs = [FeaturePair.from_json(p) for p in manifest.get("feature_pairs", [])]
+    provenance = {k: v for k, v in manifest.items() if k not in ("format", "config", "shapes", "module_attrs", "feature_pairs", "arm")}
+    return PruneResult(student, manifest, pairs), float(manifest.get("prune_seconds", 0.0)), provenance
 
 
 def _reused_kd(folder: Path, pruned_student: nn.Module) -> tuple[nn.Module, float]:

@@ -144,8 +144,22 @@ class TrainingConfig(Section):
     )
     weights: LossWeights = Field(default_factory=LossWeights)
     seed: int = 0
+    parallel_arms: int | Literal["auto"] = Field(
+        "auto",
+        description="arms that need only the pruned student (teacher, pruned, ddpm, kd, bilevel) run in this many "
+        "worker processes at once, the cores shared out; auto: one per core on a CPU when two or more of them train "
+        "(two 1-thread processes beat one 2-thread process on the tiny world), 1 on a GPU or under data parallelism",
+    )
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
     log_every: int = Field(50, gt=0)
+
+
+    @field_validator("parallel_arms")
+    @classmethod
+    def _at_least_one(cls, v: int | str) -> int | str:
+        if v != "auto" and v < 1:
+            raise ValueError("must be 'auto' or a number of processes >= 1")
+        return v
 
 
 class EvalConfig(Section):

@@ -55,7 +55,7 @@ def ablate(args: argparse.Namespace) -> int:
         outcome = GridOutcome(out, plan_cells(grid), read_status(out))
     else:
         grid = grid_from_args(args)
-        outcome = run_grid(grid, out, overwrite=args.overwrite)
+        outcome = run_grid(grid, out, overwrite=args.overwrite, jobs=getattr(args, "jobs", "auto"))
         attack_unattacked_cells(grid, outcome)
     report = write_report(grid, outcome)
     console.print(f"report: {report} (also report.html, report.csv, report.json, plots/)")

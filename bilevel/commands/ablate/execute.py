@@ -15,6 +15,7 @@ from bilevel.commands.run import DONE, RUN_MARKER, run
 from bilevel.core.errors import BilevelError
 from bilevel.runtime.io import atomic_write_text
 from bilevel.runtime.report import console
+from bilevel.runtime.workers import WORKERS_ENV, Job, last_line, run_jobs, usable_cores, workers_from_env
 
 GRID_FILE = "grid.json"  # the grid this folder was started with
 STATUS_FILE = "cells.json"  # per cell: state (done/failed/skipped), wall seconds of finished attempts, error
@@ -79,13 +80,19 @@ def read_status(out: Path) -> dict[str, dict[str, Any]]:
         return {}  # atomic writes make this unreachable; losing it only costs the wall-time record
 
 
-def run_grid(grid: AblationGrid, out: Path, overwrite: bool = False) -> GridOutcome:
-    """Every cell of the grid (skipping finished ones), then nothing else: the report is written separately."""
+def run_grid(grid: AblationGrid, out: Path, overwrite: bool = False, jobs: int | str = "auto") -> GridOutcome:
+    """Every cell of the grid (skipping finished ones), then nothing else: the report is written separately.
+    jobs: cells run at once in worker processes ("auto": one per core on a CPU; 1: in turn, in this process)."""
     validate_grid(grid)
     out = Path(out)
     prepare_grid_dir(grid, out, overwrite)
     cells = plan_cells(grid)
     status = read_status(out)
+    pending = [c for c in cells if not (cell_folder(out, c) / DONE).is_file()]
+    slots = cell_slots(jobs, cell_config(grid, cells[0], out, out).model.device, len(pending))
+    if slots > 1:
+        _run_side_by_side(grid, out, cells, pending, status, slots)
+        return GridOutcome(out, cells, status)
     for i, cell in enumerate(cells, 1):
         folder = cell_folder(out, cell)
         entry = status.setdefault(cell.name, {"state": "pending", "wall_seconds": 0.0})
@@ -112,6 +119,57 @@ def run_grid(grid: AblationGrid, out: Path, overwrite: bool = False) -> GridOutc
         _write_status(out, status)
     _write_status(out, status)
     return GridOutcome(out, cells, status)
+
+
+def cell_slots(jobs: int | str, device: str, pending: int) -> int:
+    """How many cells run at once: a number (capped by the cells left), or "auto": one per core on a CPU
+    (the tiny world's cells are too small for two threads to pay), 1 on a GPU."""
+    if jobs == "auto":
+        jobs = workers_from_env() or (usable_cores() if device.startswith("cpu") else 1)
+    try:
+        jobs = int(jobs)
+    except ValueError:
+        raise BilevelError(f"--jobs takes a number of processes or 'auto', got {jobs!r}") from None
+    if jobs < 1:
+        raise BilevelError(f"--jobs must be at least 1, got {jobs}")
+    return max(1, min(jobs, pending))
+
+
+def _run_side_by_side(
+    grid: AblationGrid, out: Path, cells: list[Cell], pending: list[Cell], status: dict[str, dict[str, Any]], slots: int
+) -> None:
+    """The pending cells in `slots` worker processes (bilevel.commands.ablate.cell_worker): baselines first, so
+    the method cells that need their KD students can start; a failed cell is recorded and the rest go on."""
+    names = {c.name for c in pending}
+    for cell in cells:
+        if cell.name not in names:
+            status.setdefault(cell.name, {"wall_seconds": 0.0})["state"] = "done"
+    order = sorted(pending, key=lambda c: ("teacher", "baseline", "method").index(c.kind))
+    jobs = [
+        Job(c.name, "bilevel.commands.ablate.cell_worker", (str(out), c.name), out / "logs" / f"{c.name}.log",
+            after=c.depends_on if c.depends_on in names else None)
+        for c in order
+    ]  # fmt: skip
+    threads = max(1, usable_cores() // slots)
+    console.print(f"{len(pending)} cell(s), {slots} at a time, one process each with {threads} thread(s); logs in {out / 'logs'}")
+
+    def record(job: Job, returncode: int | None, seconds: float) -> None:
+        entry = status.setdefault(job.name, {"state": "pending", "wall_seconds": 0.0})
+        if returncode is None:
+            entry.update(state="skipped", error=f"its baseline cell {job.after} did not finish")
+        elif returncode == 0:
+            entry.update(state="done", error=None)
+        else:
+            entry.update(state="failed", error=last_line(job.log_path).removeprefix("error: "))
+            console.print(f"[red]cell {job.name} failed:[/] {entry['error']} (log: {job.log_path})")
+        entry["wall_seconds"] = float(entry.get("wall_seconds", 0.0)) + seconds
+        done = sum(s.get("state") == "done" for s in status.values())
+        console.print(f"cell {job.name}: {entry['state']} ({done}/{len(cells)} done)")
+        _write_status(out, status)
+
+    run_jobs(jobs, slots, lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True), record,
+             env={WORKERS_ENV: "1"})  # fmt: skip
+    _write_status(out, status)
 
 
 def _write_status(out: Path, status: dict[str, dict[str, Any]]) -> None:
