@@ -179,14 +179,7 @@ class Run:
         if resume and (saved_pruned / WEIGHTS).is_file():
             pruned, prune_seconds, provenance = _saved_pruned(saved_pruned, config.model.device)
         else:
-            t0 = time.perf_counter()
-            pruned = pruner.prune(world.teacher, calibration_batch(world))  # an unfit pruner writes nothing
-            prune_seconds = time.perf_counter() - t0
-            provenance = {  # the framework records what made the student (and, for `bilevel export`, its pipeline)
-                "pruner": pruner.name, "options": pruner.config.model_dump(mode="json"), **pruned.manifest,
-                "teacher": absolute_source(config.model.source), "world": world.name,
-                "prune_seconds": prune_seconds,
-            }  # fmt: skip
+            pruned, prune_seconds, provenance = _prune_or_reuse(config, pruner, world)
         if resume:
             out = prepare_output_dir(config, resume=True)
         else:
@@ -497,6 +490,33 @@ def _load_weights(model: nn.Module, folder: Path) -> nn.Module:
     with torch.no_grad():
         model.load_state_dict(state, strict=True)
     return model
+
+
+def _prune_or_reuse(config: RunConfig, pruner: Any, world: World) -> tuple[PruneResult, float, dict[str, Any]]:
+    """Prune the teacher, or take the same pruning from config.cache_dir (keyed by everything pruning reads)."""
+    from bilevel.compression import pruned_cache
+
+    calibration = calibration_batch(world)
+    options = pruner.config.model_dump(mode="json")
+    here = {"teacher": absolute_source(config.model.source), "world": world.name}
+    key = None
+    if config.cache_dir is not None:
+        key = pruned_cache.pruning_fingerprint(pruner.name, options, world.teacher, calibration)
+        hit = pruned_cache.cached_folder(config.cache_dir, key)
+        if hit is not None:
+            console.print(f"pruned student: the same pruning is cached, reused {hit}")
+            pruned, seconds, provenance = _saved_pruned(hit, config.model.device)
+            return pruned, seconds, provenance | here
+    t0 = time.perf_counter()
+    pruned = pruner.prune(world.teacher, calibration)  # an unfit pruner writes nothing
+    seconds = time.perf_counter() - t0
+    provenance = {  # the framework records what made the student (and, for `bilevel export`, its pipeline)
+        "pruner": pruner.name, "options": options, **pruned.manifest, **here, "prune_seconds": seconds,
+    }  # fmt: skip
+    if key is not None and processes().is_main:
+        manifest = make_manifest(pruned.student, pruned.feature_pairs, **provenance)
+        pruned_cache.store(config.cache_dir, key, pruned.student, manifest)
+    return pruned, seconds, provenance
 
 
 def _saved_pruned(folder: Path, device: str) -> tuple[PruneResult, float, dict[str, Any]]:

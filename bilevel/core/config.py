@@ -242,6 +242,13 @@ class RunConfig(Section):
         "two-stage arm starts from instead of training its own (the ablation grid shares one per pruner and seed)",
     )
 
+    cache_dir: Path | None = Field(
+        None,
+        description="a folder shared by runs that repeat work: a pruned student is stored there under a fingerprint "
+        "of the pruner, its options, the teacher's weights and the calibration data, and reused by every run with "
+        "the same fingerprint (`bilevel ablate` sets it to <grid>/cache)",
+    )
+
     @field_validator("version")
     @classmethod
     def _known_version(cls, v: int) -> int:

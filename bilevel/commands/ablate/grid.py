@@ -142,6 +142,7 @@ def cell_config(grid: AblationGrid, cell: Cell, folder: Path, grid_root: Path) -
         set_dotted(data, "robustness.enabled", True)
     data["arms"] = list(cell.arms)
     data["output"] = {"dir": str(folder), "overwrite": False}
+    data.setdefault("cache_dir", str(Path(grid_root).parent / "cache"))  # cells share pruned students
     if cell.depends_on is not None:
         data["reuse_kd_from"] = str(grid_root / cell.depends_on)
     return build_config(data)
