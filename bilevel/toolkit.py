@@ -6,7 +6,8 @@ everything a built-in does without reaching into engine modules whose layout may
 - noising and targets: `add_noise`, `get_velocity`, `task_target`, `prediction_type`, `noised` (draws t and eps);
 - sampling: `sample_images`, `sample_trajectories`, `guided_eps`, `uncond_cond_eps`;
 - prompts: `PromptBank`, `PromptMapping` (the shared anchor/relabel option) and its helpers;
-- image sets: `generate_or_load` (teacher samples cached beside the run), `load_png_folder`;
+- image sets: `generate_or_load` (teacher samples cached beside the run), `load_png_folder`; caches of your own:
+  `read_cached_tensors` with `model_fingerprint` / `tensor_fingerprint` in the metadata (reused only when made alike);
 - the retain extension: `draw_retain`, `RetainBatch`;
 - parameter subsets: `select_subset`, `attention_modules`;
 - compression: `prune_unet_channels` (one channel engine, any torch-pruning importance), `check_forward`,
@@ -44,6 +45,8 @@ from bilevel.diffusion.image_sets import (
     generate_or_load,
     load_png_folder,
     model_fingerprint,
+    read_cached_tensors,
+    tensor_fingerprint,
 )
 from bilevel.diffusion.noise import (
     PREDICTION_TYPES,
@@ -207,6 +210,7 @@ __all__ = [
     "optimizer_step",
     "prediction_type",
     "prune_unet_channels",
+    "read_cached_tensors",
     "read_format_json",
     "read_prompt_file",
     "relearn",
@@ -222,6 +226,7 @@ __all__ = [
     "swap_data",
     "swap_parameters",
     "task_target",
+    "tensor_fingerprint",
     "uncond_cond_eps",
     "unrolled_hypergrad",
     "unscaled_grads",

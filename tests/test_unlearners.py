@@ -173,6 +173,31 @@ def test_esd_pool_covers_every_concept(pipe) -> None:
     assert torch.equal(esd._pool_cond, expected)  # purple and pink prompts alternate in the pool
 
 
+def test_esd_pool_is_sampled_once_per_run_folder_and_resampled_when_settings_change(pipe, tmp_path, monkeypatch) -> None:
+    """A second arm of the run (same frozen model, prompts, settings) reuses the pool on disk bit for bit; another
+    seed or guidance samples afresh, and a corrupt file is resampled rather than trusted."""
+    import bilevel.plugins.unlearners.esd as esd_module
+
+    first = ESD(ESDConfig(pool_size=6, sample_steps=2))
+    first.prepare(tiny_ctx(pipe, run_dir=tmp_path))
+    real, sampled = esd_module.sample_trajectories, []
+    monkeypatch.setattr(esd_module, "sample_trajectories", lambda *a, **k: sampled.append(1) or real(*a, **k))
+    again = ESD(ESDConfig(pool_size=6, sample_steps=2, retain_weight=5.0))  # options the pool does not depend on
+    again.prepare(tiny_ctx(pipe, run_dir=tmp_path))
+    assert not sampled
+    for name in ("_pool", "_timesteps", "_pool_target", "_pool_cond"):
+        assert torch.equal(getattr(first, name), getattr(again, name)), name
+    ESD(ESDConfig(pool_size=6, sample_steps=2, sample_guidance=2.0)).prepare(tiny_ctx(pipe, run_dir=tmp_path))
+    assert len(sampled) == 1
+    other_seed = tiny_ctx(pipe, run_dir=tmp_path)
+    other_seed.seed = 1
+    ESD(ESDConfig(pool_size=6, sample_steps=2)).prepare(other_seed)
+    assert len(sampled) == 2
+    (tmp_path / esd_module.POOL_CACHE).write_bytes(b"not safetensors")
+    ESD(ESDConfig(pool_size=6, sample_steps=2)).prepare(tiny_ctx(pipe, run_dir=tmp_path))
+    assert len(sampled) == 3
+
+
 def test_esd_cached_targets_match_frozen_passes_and_skip_them(pipe) -> None:
     """The pool's cached targets equal the two frozen-model passes they replace, and no frozen pass is run."""
     ctx = tiny_ctx(pipe, concepts=("purple", "pink"))

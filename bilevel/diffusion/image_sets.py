@@ -65,15 +65,29 @@ def model_fingerprint(model: nn.Module) -> str:
 def read_cached(path: Path, meta: dict[str, str], *keys: str) -> torch.Tensor | None:
     """The tensor `keys[0]` of a safetensors cache whose metadata equals `meta`; None when absent, stale or corrupt
     (the caller then recomputes and overwrites it)."""
+    found = read_cached_tensors(path, meta, keys[:1])
+    return None if found is None else found[keys[0]]
+
+
+def read_cached_tensors(path: Path, meta: dict[str, str], keys: tuple[str, ...] | list[str]) -> dict[str, torch.Tensor] | None:
+    """Every tensor in `keys` of a safetensors cache whose metadata equals `meta`; None when absent, stale, corrupt
+    or missing one of them."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}) != meta or keys[0] not in f.keys():  # noqa: SIM118 - safe_open has no __contains__
+            names = set(f.keys())
+            if (f.metadata() or {}) != meta or not set(keys) <= names:
                 return None
-            return f.get_tensor(keys[0])
+            return {k: f.get_tensor(k) for k in keys}
     except (SafetensorError, OSError):
         return None
+
+
+def tensor_fingerprint(t: torch.Tensor) -> str:
+    """Exact identity of one tensor's values (e.g. the prompt embeddings a cache was made with)."""
+    t = t.detach().to("cpu").contiguous()
+    return hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode() + t.view(torch.uint8).numpy().tobytes()).hexdigest()[:32]
 
 
 def load_png_folder(folder: Path, shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[str], list[str | None]]:

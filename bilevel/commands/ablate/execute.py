@@ -138,13 +138,15 @@ def cell_slots(jobs: int | str, device: str, pending: int) -> int:
 def _run_side_by_side(
     grid: AblationGrid, out: Path, cells: list[Cell], pending: list[Cell], status: dict[str, dict[str, Any]], slots: int
 ) -> None:
-    """The pending cells in `slots` worker processes (bilevel.commands.ablate.cell_worker): baselines first, so
-    the method cells that need their KD students can start; a failed cell is recorded and the rest go on."""
+    """The pending cells in `slots` worker processes (bilevel.commands.ablate.cell_worker), seed by seed with the
+    baselines first, so the method cells that need their KD students can start; a failed cell is recorded and the
+    rest go on."""
     names = {c.name for c in pending}
     for cell in cells:
         if cell.name not in names:
             status.setdefault(cell.name, {"wall_seconds": 0.0})["state"] = "done"
-    order = sorted(pending, key=lambda c: ("teacher", "baseline", "method").index(c.kind))
+    # seed by seed (a first seed's full results come first), baselines before the method cells that need them
+    order = sorted(pending, key=lambda c: (c.kind != "teacher", c.seed, ("teacher", "baseline", "method").index(c.kind)))
     jobs = [
         Job(c.name, "bilevel.commands.ablate.cell_worker", (str(out), c.name), out / "logs" / f"{c.name}.log",
             after=c.depends_on if c.depends_on in names else None)

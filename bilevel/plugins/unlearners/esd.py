@@ -10,7 +10,9 @@ needs, so the targets are kept with the pool (`cache_targets`) and an upper step
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -19,7 +21,19 @@ from pydantic import Field
 
 from bilevel.core.errors import BilevelError
 from bilevel.core.interfaces import PluginConfig, UnlearnContext, Unlearner
-from bilevel.toolkit import RetainBatch, add_noise, draw_retain, sample_trajectories, uncond_cond_eps
+from bilevel.toolkit import (
+    RetainBatch,
+    add_noise,
+    atomic_save_tensors,
+    draw_retain,
+    model_fingerprint,
+    read_cached_tensors,
+    sample_trajectories,
+    tensor_fingerprint,
+    uncond_cond_eps,
+)
+
+POOL_CACHE = "esd_pool.safetensors"  # in the run's unlearner folder (or the shared cache)
 
 
 class ESDConfig(PluginConfig):
@@ -87,20 +101,41 @@ class ESD(Unlearner):
         return select_parameters(student, self.config.variant)
 
     def prepare(self, ctx: UnlearnContext) -> None:
+        """Sample the pool of frozen-model trajectories, or reuse the one cached in ctx.run_dir when it was made
+        by the same frozen model, prompts and settings (another arm of the run, or another run sharing the cache)."""
         cfg: ESDConfig = self.config
-        if cfg.xt_source == "sample":
+        if cfg.xt_source != "sample":
+            return
+        prompts = [ctx.concept_prompts[i % len(ctx.concept_prompts)] for i in range(cfg.pool_size)]
+        cond = ctx.encode(prompts)
+        path = Path(ctx.run_dir) / POOL_CACHE if ctx.run_dir is not None else None
+        meta = self._pool_meta(ctx, cond)
+        keys = ["pool", "timesteps"] + (["target"] if cfg.cache_targets else [])
+        cached = read_cached_tensors(path, meta, keys) if path is not None and path.is_file() else None
+        if cached is None:
             gen = torch.Generator().manual_seed(ctx.seed + 17)
-            prompts = [ctx.concept_prompts[i % len(ctx.concept_prompts)] for i in range(cfg.pool_size)]
-            cond = ctx.encode(prompts)
             score = (lambda e_u, e_c: esd_target(e_u, e_c, cfg.eta)) if cfg.cache_targets else None
             out = sample_trajectories(
                 ctx.teacher, ctx.scheduler_config, cond, ctx.encode([""]),
                 steps=cfg.sample_steps, guidance=cfg.sample_guidance, generator=gen, shape=ctx.sample_shape,
                 score=score,
             )  # fmt: skip
-            self._pool, self._timesteps = out[0], out[1]
-            self._pool_target = out[2] if cfg.cache_targets else None
-            self._pool_cond = cond
+            cached = {"pool": out[0], "timesteps": out[1]} | ({"target": out[2]} if cfg.cache_targets else {})
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_save_tensors({k: v.contiguous() for k, v in cached.items()}, path, metadata=meta)
+        self._pool, self._timesteps = cached["pool"], cached["timesteps"]
+        self._pool_target = cached.get("target")
+        self._pool_cond = cond
+
+    def _pool_meta(self, ctx: UnlearnContext, cond: torch.Tensor) -> dict[str, str]:
+        cfg: ESDConfig = self.config
+        return {
+            "frozen_model": model_fingerprint(ctx.teacher), "prompt_embeddings": tensor_fingerprint(cond),
+            "steps": str(cfg.sample_steps), "guidance": repr(cfg.sample_guidance), "seed": str(ctx.seed),
+            "eta": repr(cfg.eta) if cfg.cache_targets else "-", "shape": repr(tuple(ctx.sample_shape)),
+            "scheduler": json.dumps(ctx.scheduler_config, sort_keys=True, default=str),
+        }  # fmt: skip
 
     def draw_xt(
         self, ctx: UnlearnContext, batch_size: int, gen: torch.Generator
