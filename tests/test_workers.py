@@ -48,3 +48,35 @@ def test_workers_env_is_checked(monkeypatch) -> None:
     monkeypatch.setenv("BILEVEL_WORKERS", "0")
     with pytest.raises(BilevelError, match="at least 1"):
         workers_from_env()
+
+
+def test_workers_end_when_their_parent_is_killed(tmp_path: Path) -> None:
+    """A SIGKILLed parent cannot clean up; its workers must not live on as orphans writing into the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = f"orphan-check-{os.getpid()}-{time.time_ns()}"
+    script = (
+        "from pathlib import Path; from bilevel.runtime.workers import Job, run_jobs; "
+        f"run_jobs([Job('sleeper', 'timeit', ('-n', '1', 'import time; time.sleep(60)  # {marker}'), "
+        f"Path({str(tmp_path / 'sleeper.log')!r}))], 1, print, lambda *a: None)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script])
+
+    def workers() -> list[str]:
+        found = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True, check=False).stdout.split()
+        return [pid for pid in found if int(pid) != parent.pid]
+
+    deadline = time.monotonic() + 30
+    while not workers():
+        assert time.monotonic() < deadline, "the worker never started"
+        time.sleep(0.1)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while workers():
+        assert time.monotonic() < deadline, "the worker outlived its killed parent"
+        time.sleep(0.1)

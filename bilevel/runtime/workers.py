@@ -8,6 +8,7 @@ the default run's KD arm took 215 s at 2 threads alone and 151 s at 1 thread bes
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -20,6 +21,13 @@ from typing import IO
 from bilevel.core.errors import BilevelError
 
 Echo = Callable[[str], None]
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PARENT_ENV = "BILEVEL_WORKER_PARENT"
+#: A worker runs `python -c _LAUNCH MODULE ARGS...`: bind to the parent, then run MODULE as __main__ with ARGS.
+_LAUNCH = (
+    "import runpy, sys; from bilevel.runtime.workers import bind_to_parent; bind_to_parent(); "
+    "module = sys.argv.pop(1); runpy.run_module(module, run_name='__main__', alter_sys=True)"
+)
 #: Sets what "auto" means for every worker pool (tests set 1: a worker's start-up outweighs a 10-step test arm).
 WORKERS_ENV = "BILEVEL_WORKERS"
 
@@ -117,12 +125,29 @@ def _start(job: Job, threads: int, echo: Echo, extra_env: dict[str, str]) -> _Ru
     }  # fmt: skip
     job.log_path.parent.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        [sys.executable, "-m", job.module, *job.args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1,
+        [sys.executable, "-c", _LAUNCH, job.module, *job.args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**env, PARENT_ENV: str(os.getpid())},
+        text=True, bufsize=1,
     )  # fmt: skip
     relay = threading.Thread(target=_relay, args=(process.stdout, job.log_path, job.name, echo), daemon=True)
     relay.start()
     return _Running(job, process, relay, time.perf_counter())
+
+
+def bind_to_parent() -> None:
+    """In a worker, first thing: ask Linux to end it when the parent dies, however the parent dies (a SIGKILL or
+    SIGTERM skips the parent's own clean-up), so no orphaned worker keeps writing into the run; and end at once if
+    the parent is already gone."""
+    parent = os.environ.get(PARENT_ENV)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):  # pragma: no cover - not glibc: the parent's clean-up still covers errors
+            pass
+    if parent is not None and os.getppid() != int(parent):
+        sys.exit(1)  # the parent died before the request above took effect
 
 
 def _relay(stream: IO[str], log_path: Path, name: str, echo: Echo) -> None:
