@@ -128,6 +128,19 @@ class LossWeights(Section):
     )
 
 
+class InversionHardening(Section):
+    """The upper level also erases the concept under a prompt embedding learned against the student (the
+    `inversion` attack as the adversary, AdvUnlearn-style); see bilevel.optim.adversarial."""
+
+    enabled: bool = False
+    every: int = Field(10, gt=0, description="upper updates between refreshes of the learned embedding")
+    steps: int = Field(20, gt=0, description="Adam steps per refresh (warm-started from the previous embedding)")
+    k: int = Field(16, gt=0, description="concept images the embedding is learned from (the world's concept data)")
+    lr: float = Field(2e-2, gt=0, description="Adam learning rate of the embedding (the attack's default)")
+    batch_size: int = Field(8, gt=0)
+    weight: float = Field(1.0, ge=0, description="weight of the unlearner's loss under the learned embedding")
+
+
 class TrainingConfig(Section):
     steps: int = Field(600, gt=0)
     batch_size: int = Field(32, gt=0)
@@ -141,6 +154,11 @@ class TrainingConfig(Section):
         False,
         description="the upper level also erases each concept under the world's other names (tiny: the second "
         "colour names), hardening against paraphrase (AdvUnlearn-style); prompt-mapping unlearners refuse it",
+    )
+    upper_inversion: InversionHardening = Field(
+        default_factory=InversionHardening,
+        description="hardening against concept inversion: the upper level also erases the concept under an "
+        "embedding learned against the student every few upper updates",
     )
     weights: LossWeights = Field(default_factory=LossWeights)
     seed: int = 0

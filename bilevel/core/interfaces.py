@@ -226,6 +226,9 @@ class BilevelProblem:
     before_upper_step: Callable[[], None] | None = None
     lower_scheduler: Any = None
     upper_scheduler: Any = None
+    #: name -> object with state_dict() / load_state_dict() (tensors) that a checkpoint must keep for an exact
+    #: resume, e.g. the upper level's learned adversarial embedding
+    extra_state: dict[str, Any] = field(default_factory=dict)
 
 
 #: shared: both levels train the same tensors; proximal: the lower level is pulled towards a separate upper

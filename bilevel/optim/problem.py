@@ -84,8 +84,9 @@ def build_problem(
     lower = lower_objective(student, world, config, weights, pairs, counters["lower"])
     if unlearner is None:
         upper, upper_params, before = Objective(draw=lambda: None, loss=lambda _: torch.zeros(())), {}, None
+        extra = {}
     else:
-        upper, upper_params = upper_objective(student, world, config, unlearner, run_dir, counters["upper"])
+        upper, upper_params, extra = upper_objective(student, world, config, unlearner, run_dir, counters["upper"])
         before = lambda: unlearner.before_step(student)
     lower_params = partition(student, upper_params, coupling, unlearner)
     lower_opt, upper_opt = optimisers(lower_params, upper_params, config, world.device)
@@ -100,6 +101,7 @@ def build_problem(
         before_upper_step=before,
         lower_scheduler=warmup_schedule(lower_opt, tc.warmup),
         upper_scheduler=warmup_schedule(upper_opt, tc.warmup) if unlearner is not None else None,
+        extra_state=extra,
     )
 
 
@@ -123,8 +125,9 @@ def lower_objective(
 def upper_objective(
     student: nn.Module, world: World, config: RunConfig, unlearner: Unlearner, run_dir: Path | None,
     counter: DrawCounter,
-) -> tuple[Objective, dict[str, nn.Parameter]]:  # fmt: skip
-    """The unlearner's forgetting loss (prepared once) and the parameters it trains."""
+) -> tuple[Objective, dict[str, nn.Parameter], dict[str, Any]]:  # fmt: skip
+    """The unlearner's forgetting loss (prepared once), the parameters it trains, and state a checkpoint must keep
+    (the inversion adversary's embedding, when training.upper_inversion is on)."""
     tc, mc = config.training, config.model
     ctx = unlearn_context(student, world.teacher, world, run_dir, tc.seed, aliases=tc.upper_aliases)
     with main_first():  # rank 0 writes the unlearner's caches in run_dir, the other processes then read them
@@ -142,7 +145,12 @@ def upper_objective(
     upper_params = unlearner.trainable_parameters(student)
     if not upper_params:
         raise BilevelError(f"unlearner {unlearner.name!r} selected no trainable parameters in this student")
-    return upper, upper_params
+    extra: dict[str, Any] = {}
+    if tc.upper_inversion.enabled:
+        from bilevel.optim.adversarial import harden
+
+        upper, extra["inversion"] = harden(upper, ctx, upper_loss, world, tc.upper_inversion, tc.seed, counter)
+    return upper, upper_params, extra
 
 
 def partition(
