@@ -348,3 +348,35 @@ def test_saved_dataset_records_through_the_real_datasets_package(assets, tmp_pat
     with pytest.raises(BilevelError, match="no column 'caption'"):
         list_records(tmp_path / "dict", what="fine-tuning", limit=4, captions_required=True,
                      image_column="img", caption_column="caption")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ attacks on SD
+def test_every_attack_runs_on_the_sd_pipeline_through_the_command(assets, capsys):
+    """`bilevel attack` on a Stable Diffusion folder: the paraphrase attack reads a prompt file (none is shipped),
+    inversion and few-shot relearning learn from the world's concept images, benign relearning fine-tunes on the
+    captions; CLIP zero-shot detection scores every rate, each with its interval."""
+    prompts = assets["root"] / "ring-a-bell.txt"
+    prompts.write_text("a painting in the manner of vincent\nswirling starry brushwork\n")
+    out = assets["root"] / "attacks"
+    code, err = run_cli(
+        [
+            "attack", str(assets["eps"]), "--concept", CONCEPT, "--attack", "paraphrase,inversion,relearn-benign,relearn-fewshot",
+            "--out", str(out),
+            "--set", f"data.finetune_data={assets['data']}", "--set", f"evaluation.sd.clip_model={assets['clip']}",
+            "--set", "data.concept_size=4", "--set", "samples=2", "--set", "sampler_steps=2",
+            "--set", f"paraphrase.prompts={prompts}", "--set", "inversion.steps=2", "--set", "inversion.k=2",
+            "--set", "relearn-benign.steps=2", "--set", "relearn-benign.curve_points=1", "--set", "relearn-benign.batch_size=2",
+            "--set", "relearn-fewshot.steps=2", "--set", "relearn-fewshot.every=1", "--set", "relearn-fewshot.k=2",
+            "--set", "relearn-fewshot.batch_size=2",
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    results = {r["attack"]: r for r in json.loads((out / "attacks.json").read_text())["results"]}
+    assert {"paraphrase", "inversion", "relearn-benign", "relearn-fewshot"} <= set(results)
+    for r in results.values():
+        low, high = r["interval"]
+        assert 0.0 <= low <= r["concept_rate"] <= high <= 1.0 and r["samples"] > 0
+    assert results["paraphrase"]["used"]  # the prompt file's prompts, recorded
+    assert [p["step"] for p in results["relearn-benign"]["curve"]][-1] == 2
+    assert (out / "relearning.png").is_file()
