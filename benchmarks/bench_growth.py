@@ -11,7 +11,8 @@ level at batch 32, ESD upper level at batch 16) built by the runner's own build_
 process (its peak memory is its own). Time is process CPU time per outer step (insensitive to other processes on
 a shared machine), averaged over whole upper cycles after one warm-up cycle; memory is the peak RSS growth over
 the steps plus the model's parameters and gradients (allocations >= 64 KiB are mmapped, so RSS follows tensors).
-The ESD pool is 32 trajectories here (its size does not change the step, only the set-up).
+The ESD pool is 32 trajectories and the data sets 512 clean / 64 concept images here (their sizes do not change
+the step, only the set-up).
 """
 
 from __future__ import annotations
@@ -51,7 +52,10 @@ def measure(width: int, concepts: int, method: str, steps: int) -> dict[str, Any
     from bilevel.worlds.tiny.world import TinyWorld
 
     torch.set_num_threads(1)
-    config = build_config({"concepts": COLOURS[:concepts], "unlearner": {"options": {"pool_size": 32}}})
+    config = build_config({
+        "concepts": COLOURS[:concepts], "unlearner": {"options": {"pool_size": 32}},
+        "data": {"finetune_size": 512, "concept_size": 64},  # the step draws batches; the set size costs set-up only
+    })  # fmt: skip
     torch.manual_seed(0)
     pipe = load_tiny_pipeline("tiny", "cpu")
     if width != 1:

@@ -67,7 +67,7 @@ def test_auto_runs_side_by_side_only_where_it_pays(monkeypatch) -> None:
     monkeypatch.setenv(WORKERS_ENV, "1")
     assert worker_count("auto", "cpu", arms, data_parallel=False) == 1
     monkeypatch.setenv(WORKERS_ENV, "many")
-    with pytest.raises(BilevelError, match="BILEVEL_WORKERS='many'"):
+    with pytest.raises(BilevelError, match="BILEVEL_WORKERS takes a number of processes or 'auto', got 'many'"):
         worker_count("auto", "cpu", arms, data_parallel=False)
 
 

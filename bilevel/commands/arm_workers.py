@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from bilevel.core.errors import BilevelError
-from bilevel.runtime.workers import Echo, Job, last_line, run_jobs, usable_cores, workers_from_env
+from bilevel.runtime.workers import Echo, Job, last_line, run_jobs, usable_cores, worker_main, workers_from_env
 
 #: Arms that need nothing but the pruned student (two-stage arms need the kd student and bilevel's update count).
 INDEPENDENT_ARMS = ("bilevel", "kd", "ddpm", "teacher", "pruned")  # longest first: the last to start are short
@@ -61,6 +61,8 @@ def run_one_arm(out: Path, arm: str) -> None:
 
     from bilevel.commands.run import Run, arms_of, load_saved_config
 
+    if arm not in INDEPENDENT_ARMS:
+        raise BilevelError(f"arm {arm!r} cannot run on its own; accepted: {', '.join(INDEPENDENT_ARMS)}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     config = load_saved_config(out)
     config = config.model_copy(update={"arms": [arm], "robustness": config.robustness.model_copy(update={"enabled": False})})
@@ -71,16 +73,8 @@ def run_one_arm(out: Path, arm: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or args[1] not in INDEPENDENT_ARMS:
-        print(f"usage: python -m bilevel.commands.arm_workers OUT ARM (ARM one of {', '.join(INDEPENDENT_ARMS)})", file=sys.stderr)
-        return 2
-    try:
-        run_one_arm(Path(args[0]), args[1])
-    except BilevelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    usage = f"python -m bilevel.commands.arm_workers OUT ARM (ARM one of {', '.join(INDEPENDENT_ARMS)})"
+    return worker_main(sys.argv[1:] if argv is None else argv, usage, run_one_arm)
 
 
 if __name__ == "__main__":  # pragma: no cover - run as a worker process

@@ -32,25 +32,41 @@ _LAUNCH = (
 WORKERS_ENV = "BILEVEL_WORKERS"
 
 
-def workers_from_env() -> int | None:
-    """$BILEVEL_WORKERS as a number, None when unset or 'auto'."""
-    value = os.environ.get(WORKERS_ENV, "auto").strip()
-    if value in ("", "auto"):
-        return None
-    try:
-        count = int(value)
-    except ValueError:
-        raise BilevelError(f"{WORKERS_ENV}={value!r} is not a number of processes or 'auto'") from None
-    if count < 1:
-        raise BilevelError(f"{WORKERS_ENV} must be at least 1, got {count}")
-    return count
-
-
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - macOS
         return os.cpu_count() or 1
+
+
+def process_count(value: int | str, what: str) -> int:
+    """A number of worker processes given as text or int, checked (>= 1); `what` names where it came from."""
+    try:
+        count = int(value)
+    except ValueError:
+        raise BilevelError(f"{what} takes a number of processes or 'auto', got {value!r}") from None
+    if count < 1:
+        raise BilevelError(f"{what} must be at least 1, got {count}")
+    return count
+
+
+def workers_from_env() -> int | None:
+    """$BILEVEL_WORKERS as a number, None when unset or 'auto'."""
+    value = os.environ.get(WORKERS_ENV, "auto").strip()
+    return None if value in ("", "auto") else process_count(value, WORKERS_ENV)
+
+
+def worker_main(args: list[str], usage: str, work: Callable[[Path, str], None]) -> int:
+    """The entry point of a worker module: `work(FOLDER, NAME)`, a BilevelError as one line and exit code 2."""
+    if len(args) != 2:
+        print(f"usage: {usage}", file=sys.stderr)
+        return 2
+    try:
+        work(Path(args[0]), args[1])
+    except BilevelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 @dataclass(frozen=True)

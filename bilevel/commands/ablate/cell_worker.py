@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 from bilevel.core.errors import BilevelError
+from bilevel.runtime.workers import worker_main
+
+USAGE = "python -m bilevel.commands.ablate.cell_worker GRID_OUT CELL"
 
 
 def run_cell(out: Path, name: str) -> None:
@@ -30,17 +33,8 @@ def run_cell(out: Path, name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m bilevel.commands.ablate.cell_worker GRID_OUT CELL", file=sys.stderr)
-        return 2
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    try:
-        run_cell(Path(args[0]), args[1])
-    except BilevelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return worker_main(sys.argv[1:] if argv is None else argv, USAGE, run_cell)
 
 
 if __name__ == "__main__":  # pragma: no cover - run as a worker process

@@ -15,7 +15,15 @@ from bilevel.commands.run import DONE, RUN_MARKER, run
 from bilevel.core.errors import BilevelError
 from bilevel.runtime.io import atomic_write_text
 from bilevel.runtime.report import console
-from bilevel.runtime.workers import WORKERS_ENV, Job, last_line, run_jobs, usable_cores, workers_from_env
+from bilevel.runtime.workers import (
+    WORKERS_ENV,
+    Job,
+    last_line,
+    process_count,
+    run_jobs,
+    usable_cores,
+    workers_from_env,
+)
 
 GRID_FILE = "grid.json"  # the grid this folder was started with
 STATUS_FILE = "cells.json"  # per cell: state (done/failed/skipped), wall seconds of finished attempts, error
@@ -126,13 +134,7 @@ def cell_slots(jobs: int | str, device: str, pending: int) -> int:
     (the tiny world's cells are too small for two threads to pay), 1 on a GPU."""
     if jobs == "auto":
         jobs = workers_from_env() or (usable_cores() if device.startswith("cpu") else 1)
-    try:
-        jobs = int(jobs)
-    except ValueError:
-        raise BilevelError(f"--jobs takes a number of processes or 'auto', got {jobs!r}") from None
-    if jobs < 1:
-        raise BilevelError(f"--jobs must be at least 1, got {jobs}")
-    return max(1, min(jobs, pending))
+    return max(1, min(process_count(jobs, "--jobs"), pending))
 
 
 def _run_side_by_side(
