@@ -40,9 +40,12 @@ SD_V1 = {
     "block_out_channels": (320, 640, 1280, 1280),
     "layers_per_block": 2,
 }
-#: (label, pruner, options): each pruner at its default, plus BK-SDM's other two variants for reference.
+#: (label, pruner, options): each pruner at its default, the channel engine's two speed options (hardware-friendly
+#: channel counts, whole attention heads), and BK-SDM's other two variants for reference.
 SETTINGS: list[tuple[str, str, dict[str, Any]]] = [
     ("magnitude", "magnitude", {}),
+    ("magnitude round_to=8", "magnitude", {"round_to": 8}),
+    ("magnitude prune_heads", "magnitude", {"prune_heads": True}),
     ("diff-pruning", "diff-pruning", {}),
     ("bk-sdm (small)", "bk-sdm", {}),
     ("bk-sdm base", "bk-sdm", {"variant": "base"}),

@@ -18,8 +18,8 @@ from bilevel.core.errors import BilevelError
 from bilevel.runtime.workers import WORKERS_ENV, usable_cores
 
 ARGS = [
-    "--arms", "teacher,kd,bilevel", "--steps", "12",
-    "--set", "training.batch_size=8", "--set", "training.upper_batch_size=8", "--set", "training.log_every=6",
+    "--arms", "teacher,kd,bilevel", "--steps", "8",
+    "--set", "training.batch_size=8", "--set", "training.upper_batch_size=8", "--set", "training.log_every=4",
     "--set", "evaluation.samples_per_prompt=2", "--set", "evaluation.concept_samples=4", "--set", "evaluation.steps=3",
     "--set", "evaluation.latency_repeats=1",
     "--set", "unlearner.options.pool_size=16", "--set", "data.finetune_size=256", "--set", "data.concept_size=32",
@@ -42,7 +42,7 @@ def test_side_by_side_arms_equal_arms_in_turn(tmp_path: Path) -> None:
     ran = _run(side, "--set", "training.parallel_arms=2")
     assert ran.returncode == 0, ran.stderr[-2000:]
     log = ran.stdout + ran.stderr
-    assert "2 at a time" in log and "[bilevel] bilevel fine-tuning: step 12/12" in log
+    assert "2 at a time" in log and "[bilevel] bilevel fine-tuning: step 8/8" in log
     for arm in ("kd", "bilevel"):
         a = load_file(in_turn / "students" / arm / "model.safetensors")
         b = load_file(side / "students" / arm / "model.safetensors")
