@@ -128,6 +128,10 @@ def test_run_with_robustness_attacks_the_teacher_and_every_trained_arm(tmp_path)
     for row in report["rows"]:
         assert row["paraphrase"].count("[") == 1 and row["relearn-benign"].count("[") == 1 and row["none"] != "-"
     assert (out / "robustness" / "bilevel" / "attacks.json").is_file() and "| arm |" in (out / "robustness.md").read_text()
+    # a run killed after DONE but before its attacks finished: --resume attacks it (reusing finished attacks)
+    (out / "robustness.json").unlink()
+    assert main(["run", "--resume", "--out", str(out)]) == 0
+    assert json.loads((out / "robustness.json").read_text()) == report
 
 
 @pytest.mark.parametrize(

@@ -139,8 +139,15 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
     if resume:
         out = prepare_output_dir(config, resume=True)
         if (out / DONE).is_file():
-            console.print(f"run in {out} already finished; nothing to resume")
-            return _finished_result(out)
+            result = _finished_result(out)
+            if config.robustness.enabled and not (out / "robustness.json").is_file() and processes().is_main:
+                from bilevel.commands.robustness import attack_arms  # finished, but stopped before its attacks
+
+                console.print(f"run in {out} finished before its attacks; attacking its arms")
+                attack_arms(out, config, [row["model"] for row in result.rows])
+            else:
+                console.print(f"run in {out} already finished; nothing to resume")
+            return result
     return Run.start(config, resume).execute()
 
 
