@@ -6,7 +6,7 @@ implicit-gradient bilevel: the growth curves of docs/performance.md, from one co
 
 Widths scale every channel count of the tiny UNet (32, 64, 64, 64) by the factor (random weights for factors
 above 1, the shipped teacher at 1), at 8x8 pixels, one concept. Concepts: the shipped teacher erasing the first
-N colours at once. Each configuration is the default `bilevel run` bilevel arm (BK-SDM Small student, KD lower
+N concepts at once (colours, then the stripes style as the 8th, so one colour is left to fine-tune on). Each configuration is the default `bilevel run` bilevel arm (BK-SDM Small student, KD lower
 level at batch 32, ESD upper level at batch 16) built by the runner's own build_problem, in its own worker
 process (its peak memory is its own). Time is process CPU time per outer step (insensitive to other processes on
 a shared machine), averaged over whole upper cycles after one warm-up cycle; memory is the peak RSS growth over
@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 METHODS = {"KD": None, "alternating": "alternating", "implicit": "implicit-gradient"}
-COLOURS = ["purple", "pink", "orange", "yellow", "red", "green", "cyan", "blue"]
+#: the concepts erased at once, in order: with 8 the fine-tuning data keeps one colour (blue, unstriped shapes)
+CONCEPTS = ["purple", "pink", "orange", "yellow", "red", "green", "cyan", "striped"]
 
 
 def measure(width: int, concepts: int, method: str, steps: int) -> dict[str, Any]:
@@ -53,7 +54,7 @@ def measure(width: int, concepts: int, method: str, steps: int) -> dict[str, Any
 
     torch.set_num_threads(1)
     config = build_config({
-        "concepts": COLOURS[:concepts], "unlearner": {"options": {"pool_size": 32}},
+        "concepts": CONCEPTS[:concepts], "unlearner": {"options": {"pool_size": 32}},
         "data": {"finetune_size": 512, "concept_size": 64},  # the step draws batches; the set size costs set-up only
     })  # fmt: skip
     torch.manual_seed(0)
@@ -126,9 +127,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     for ax in axes[:2]:
         ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(ScalarFormatter())
+            axis.set_minor_formatter(NullFormatter())
     axes[0].legend()
     fig.suptitle("cost per outer step, tiny-world default bilevel arm, 1 CPU thread")
     fig.tight_layout()
@@ -143,6 +149,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed outer steps (rounded up to whole upper cycles)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--from-json", type=Path, nargs="*", default=[],
+                        help="rows measured before (their configurations are not measured again)")  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -150,9 +158,12 @@ def main() -> None:
         print(json.dumps(measure(int(width), int(concepts), method, int(steps))))
         return
     plan = [(w, 1) for w in args.widths] + [(1, n) for n in args.concepts if n != 1 or 1 not in args.widths]
-    rows = []
+    rows = [r for path in args.from_json for r in json.loads(path.read_text()) if "error" not in r]
+    have = {(r["width"], r["concepts"], r["method"]) for r in rows}
     for width, concepts in plan:
         for method in METHODS:
+            if (width, concepts, method) in have:
+                continue
             row = run_worker(width, concepts, method, args.steps)
             rows.append(row)
             shown = row.get("error") or (
@@ -162,6 +173,7 @@ def main() -> None:
             print(f"width x{width}, {concepts} concept(s), {method}: {shown}", file=sys.stderr, flush=True)
     print("| width | teacher params | concepts | method | CPU s / step | x KD | peak MB |")
     print("|---|---|---|---|---|---|---|")
+    rows.sort(key=lambda r: (r["width"], r["concepts"], list(METHODS).index(r["method"])))
     for r in rows:
         if "error" in r:
             print(f"| x{r['width']} | - | {r['concepts']} | {r['method']} | failed: {r['error']} | | |")

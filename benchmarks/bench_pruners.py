@@ -4,7 +4,7 @@ ratios to the teacher.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_pruners.py                 # tiny UNet (shipped teacher)
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_pruners.py --sd-v1         # + SD-v1 architecture (slow on CPU)
 
-The goal is a latency ratio within 10% of the MAC ratio; `lat/MAC - 1` reports latency_ratio / macs_ratio - 1.
+MACs include attention (torch FlopCounterMode). The goal is a latency ratio within 10% of the MAC ratio; `lat/MAC - 1` reports latency_ratio / macs_ratio - 1.
 Sampling throughput (images/s) is a full 25-step guided (guidance 2, so two UNet passes per step) DDIM sampling:
 through the diffusers pipeline on the tiny world (text encoder and scheduler included), through the UNet and
 the scheduler only on SD-v1 (random weights: no VAE or text encoder; the UNet is nearly all of the cost).
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bilevel.compression.model_stats import count_macs, count_params, measure_latency_ms
+from bilevel.compression.model_stats import count_macs_with_attention, count_params, measure_latency_ms
 from bilevel.core.interfaces import CalibrationBatch
 from bilevel.registry import get_registry
 
@@ -124,17 +125,10 @@ def sd_v1_world(device: str) -> tuple[nn.Module, CalibrationBatch, str]:
     return unet, calib, "SD-v1 architecture (random weights)"
 
 
-def stats(unet: nn.Module, batch: int, repeats: int, sample: Callable[[nn.Module], None] | None, images: int) -> dict[str, float]:
-    unet.eval()
-    return {
-        "params": count_params(unet),
-        "macs": count_macs(unet),
-        "latency_ms": measure_latency_ms(unet, batch, repeats),
-        "images_per_s": throughput(sample, unet, images, max(1, repeats // 3)) if sample is not None else float("nan"),
-    }
-
-
 def bench(world: str, args: argparse.Namespace, console: Console) -> list[dict[str, Any]]:
+    """Prune every setting, then measure all models in interleaved rounds (a rotated order each round): each
+    ratio is the median over rounds of the student's time / the teacher's time in the same round, so a machine
+    whose load changes during the run slows teacher and students alike."""
     teacher, calib, label = (sd_v1_world if world == "sd-v1" else tiny_world)(args.device)
     batch = args.sd_batch if world == "sd-v1" else args.batch
     repeats = args.sd_repeats if world == "sd-v1" else args.repeats
@@ -142,25 +136,44 @@ def bench(world: str, args: argparse.Namespace, console: Console) -> list[dict[s
     sample = None
     if images > 0:
         sample = sd_sampler(calib, images) if world == "sd-v1" else tiny_sampler(tiny_world.pipe, images)
-    base = stats(teacher, batch, repeats, sample, images)
-    rows = [{"model": "teacher", **base, "prune_s": 0.0}]
+    models: dict[str, nn.Module] = {"teacher": teacher}
+    rows = [{"model": "teacher", "params": count_params(teacher), "macs": count_macs_with_attention(teacher), "prune_s": 0.0}]
     for name, pruner, options in SETTINGS:
         opts = dict(options)
         if pruner == "diff-pruning" and world == "sd-v1":
             opts["timestep_stride"] = args.sd_stride
         t0 = time.perf_counter()
         result = get_registry().create("pruner", pruner, opts).prune(teacher, calib)
-        prune_s = time.perf_counter() - t0
-        student = result.student.to(args.device).requires_grad_(False)
-        rows.append({"model": name, **stats(student, batch, repeats, sample, images), "prune_s": prune_s})
-        del student, result
+        models[name] = result.student.to(args.device).eval().requires_grad_(False)
+        rows.append({"model": name, "params": count_params(models[name]), "macs": count_macs_with_attention(models[name]),
+                     "prune_s": time.perf_counter() - t0})  # fmt: skip
+        del result
         gc.collect()
+    names = list(models)
+    latency: dict[str, list[float]] = {n: [] for n in names}
+    speed: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        got = {n: measure_latency_ms(models[n], batch, repeats) for n in order}
+        per_s = {n: throughput(sample, models[n], images, 1) for n in order} if sample is not None else {}
+        for n in names:
+            latency[n].append(got[n])
+            if per_s:
+                speed[n].append(per_s[n])
     for row in rows:
-        for key in ("params", "macs", "latency_ms", "images_per_s"):
-            row[f"{key}_ratio"] = row[key] / base[key]
+        n = row["model"]
+        row["latency_ms"] = statistics.median(latency[n])
+        row["latency_ms_ratio"] = statistics.median(a / b for a, b in zip(latency[n], latency["teacher"]))
+        row["images_per_s"] = statistics.median(speed[n]) if speed[n] else float("nan")
+        row["images_per_s_ratio"] = (
+            statistics.median(a / b for a, b in zip(speed[n], speed["teacher"])) if speed[n] else float("nan")
+        )
+        for key in ("params", "macs"):
+            row[f"{key}_ratio"] = row[key] / rows[0][key]
         row["latency_vs_macs"] = row["latency_ms_ratio"] / row["macs_ratio"] - 1
 
-    title = f"{label} on {args.device}, {torch.get_num_threads()} thread(s), latency batch {batch}"
+    title = (f"{label} on {args.device}, {torch.get_num_threads()} thread(s), latency batch {batch} (median of "
+             f"{repeats}), {args.rounds} interleaved rounds")  # fmt: skip
     table = Table(title=title + (f", sampling {images} images x 25 guided steps" if images else ""))
     for col in (
         "model",
@@ -194,7 +207,8 @@ def main() -> None:
     parser.add_argument("--sd-v1-only", action="store_true", help="benchmark the SD-v1 architecture only")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=64, help="latency batch on the tiny UNet")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5, help="latency repeats per model and round (median)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (ratios: median over rounds)")
     parser.add_argument("--sd-batch", type=int, default=1, help="latency batch on SD-v1")
     parser.add_argument("--sd-repeats", type=int, default=3)
     parser.add_argument(
