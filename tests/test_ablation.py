@@ -116,6 +116,7 @@ def test_an_interrupted_grid_continues_where_it_stopped(grid_run, tmp_path, monk
     assert (victim / "DONE").is_file()
 
 
+@pytest.mark.slow  # about 40 s: two cells rerun in worker processes: the separate CI step
 def test_cells_run_side_by_side_in_worker_processes(grid_run, tmp_path):
     """--jobs 2: the unfinished cells run in two worker processes at once; each finishes as a resumed cell would."""
     out = tmp_path / "grid"

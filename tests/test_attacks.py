@@ -114,6 +114,7 @@ def test_paraphrase_finds_the_concept_on_the_teacher_under_its_second_name(world
     assert "violet" in json.dumps(found.used) and found.concept_rate >= 0.8
 
 
+@pytest.mark.slow  # about 1 minute: a run, every arm attacked, then resumed: the separate CI step
 def test_run_with_robustness_attacks_the_teacher_and_every_trained_arm(tmp_path) -> None:
     out = tmp_path / "run"
     sets = ["evaluation.samples_per_prompt=2", "evaluation.concept_samples=2", "evaluation.steps=2",

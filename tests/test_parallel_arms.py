@@ -35,6 +35,7 @@ def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+@pytest.mark.slow  # about 40 s: two runs in subprocesses: the separate CI step
 def test_side_by_side_arms_equal_arms_in_turn(tmp_path: Path) -> None:
     in_turn, side = tmp_path / "in-turn", tmp_path / "side-by-side"
     ran = _run(in_turn)

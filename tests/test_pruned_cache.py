@@ -29,6 +29,7 @@ def _weights(folder: Path) -> dict:
     return load_file(folder / "model.safetensors")
 
 
+@pytest.mark.slow  # about 25 s: two runs: the separate CI step
 def test_a_cached_pruning_is_reused_and_trains_identically(tmp_path: Path, monkeypatch) -> None:
     cache = tmp_path / "cache"
     run(_config(tmp_path / "first", cache))

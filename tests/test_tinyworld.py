@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from bilevel.worlds.tiny.dataset import PLAIN, make_dataset
@@ -104,6 +105,7 @@ def test_pipeline_save_reload_gives_identical_outputs(random_pipe, tmp_path):
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow  # 15 s of teacher training: the separate CI step
 def test_short_teacher_training_lowers_the_loss_and_resumes(tmp_path):
     from bilevel.worlds.tiny.teacher_training import TeacherTrainConfig, train_teacher
 

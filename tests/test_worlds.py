@@ -311,6 +311,7 @@ def test_prune_eval_unlearn_export_on_a_stable_diffusion_folder(sd, capsys):
     assert main(["eval", str(exported), "--concept", CONCEPT, *sd_eval_sets(sd)]) == 0
 
 
+@pytest.mark.slow  # 35 s: SD-format export of a channel-pruned student: the separate CI step
 def test_channel_pruned_sd_export_loads_with_bilevel_load_pipeline(sd, capsys):
     from bilevel import load_pipeline
     from bilevel.compression.student_io import load_student
