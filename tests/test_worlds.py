@@ -337,7 +337,7 @@ def test_diff_pruning_on_sd_without_data_and_an_unknown_word_are_one_line(sd, ca
     err = capsys.readouterr().err
     assert code == 2 and "needs calibration data" in err and err.count("\n") == 1, err
     code = main(["prune", "--model", str(sd["model"]), "--pruner", "diff-pruning", "--out", str(tmp_path / "dp"),
-                 "--set", f"data.finetune_data={sd['data']}", *FAST_PRUNE])  # fmt: skip
+                 "--set", f"data.finetune_data={sd['data']}", "--set", "ratio=0.3", *FAST_PRUNE])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     code = main(["eval", str(sd["model"]), "--concept", "café", *sd_eval_sets(sd)])
     err = capsys.readouterr().err

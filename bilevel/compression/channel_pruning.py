@@ -208,11 +208,11 @@ class ChannelPruner(Pruner):
         ratio, outer = cfg.ratio, None
         search: dict[str, Any] = {}
         shape = {"prune_heads": cfg.prune_heads, "round_to": cfg.round_to}
+        scoring = self.scores(teacher, calibration)  # first: a missing-data error must not wait for the search
         if ratio is None:
             ratio, outer, search = ratio_for_macs(
                 teacher, cfg.target_macs, keep_time_embedding=cfg.keep_time_embedding, **shape
             )
-        scoring = self.scores(teacher, calibration)
         student, pairs = prune_unet_channels(
             teacher, scoring.importance, ratio, keep_time_embedding=cfg.keep_time_embedding,
             before_step=scoring.before_step, outer_ratio=outer, **shape,
