@@ -7,7 +7,7 @@ everything a built-in does without reaching into engine modules whose layout may
 - sampling: `sample_images`, `sample_trajectories`, `guided_eps`, `uncond_cond_eps`;
 - prompts: `PromptBank`, `PromptMapping` (the shared anchor/relabel option) and its helpers;
 - image sets: `generate_or_load` (teacher samples cached beside the run), `load_png_folder`; caches of your own:
-  `read_cached_tensors` with `model_fingerprint` / `tensor_fingerprint` in the metadata (reused only when made alike);
+  `cached_tensors` with `model_fingerprint` / `tensor_fingerprint` in the metadata (reused only when made alike);
 - the retain extension: `draw_retain`, `RetainBatch`;
 - parameter subsets: `select_subset`, `attention_modules`;
 - compression: `prune_unet_channels` (one channel engine, any torch-pruning importance), `check_forward`,
@@ -42,10 +42,10 @@ from bilevel.diffusion.conditioning_swap import (
     ConditioningSwap,
 )
 from bilevel.diffusion.image_sets import (
+    cached_tensors,
     generate_or_load,
     load_png_folder,
     model_fingerprint,
-    read_cached_tensors,
     tensor_fingerprint,
 )
 from bilevel.diffusion.noise import (
@@ -174,6 +174,7 @@ __all__ = [
     "attention_modules",
     "autocast",
     "batch_head",
+    "cached_tensors",
     "check_forward",
     "check_word",
     "concept_examples",
@@ -210,7 +211,6 @@ __all__ = [
     "optimizer_step",
     "prediction_type",
     "prune_unet_channels",
-    "read_cached_tensors",
     "read_format_json",
     "read_prompt_file",
     "relearn",

@@ -12,12 +12,20 @@ the same thread count (tested bit for bit).
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 from bilevel.core.errors import BilevelError
-from bilevel.runtime.workers import Echo, Job, last_line, run_jobs, usable_cores, worker_main, workers_from_env
+from bilevel.runtime.workers import (
+    Echo,
+    Job,
+    last_line,
+    run_jobs,
+    threads_per_worker,
+    usable_cores,
+    worker_main,
+    workers_from_env,
+)
 
 #: Arms that need nothing but the pruned student (two-stage arms need the kd student and bilevel's update count).
 INDEPENDENT_ARMS = ("bilevel", "kd", "ddpm", "teacher", "pruned")  # longest first: the last to start are short
@@ -31,11 +39,11 @@ def worker_count(setting: int | str, device: str, arms: list[str], data_parallel
     if data_parallel or len(side_by_side) < 2:
         return 1
     if setting == "auto":
-        setting = workers_from_env() or 0
-        if not setting:
-            if not device.startswith("cpu") or sum(a in TRAINED_ARMS for a in side_by_side) < 2:
-                return 1
-            setting = usable_cores()
+        setting = workers_from_env()
+    if setting == "auto" or setting is None:
+        if not device.startswith("cpu") or sum(a in TRAINED_ARMS for a in side_by_side) < 2:
+            return 1
+        setting = usable_cores()
     return max(1, min(int(setting), len(side_by_side)))
 
 
@@ -44,7 +52,7 @@ def run_side_by_side(out: Path, arms: list[str], workers: int, echo: Echo) -> No
     cores; their log lines are echoed prefixed with the arm and kept in <out>/logs/<arm>.log. A failed arm stops
     the others and raises (the finished arms' rows stay, so `bilevel run --resume` continues from there)."""
     order = sorted(arms, key=INDEPENDENT_ARMS.index)
-    threads = max(1, usable_cores() // workers)
+    threads = threads_per_worker(workers)
     echo(f"arms {', '.join(order)}: {workers} at a time, one process each with {threads} thread(s); logs in {out / 'logs'}")
     jobs = [Job(arm, "bilevel.commands.arm_workers", (str(out), arm), out / "logs" / f"{arm}.log") for arm in order]
 
@@ -57,13 +65,10 @@ def run_side_by_side(out: Path, arms: list[str], workers: int, echo: Echo) -> No
 
 def run_one_arm(out: Path, arm: str) -> None:
     """The worker: continue the run in `out` with this one arm (as `--resume` would) and leave its row."""
-    import torch
-
     from bilevel.commands.run import Run, arms_of, load_saved_config
 
     if arm not in INDEPENDENT_ARMS:
         raise BilevelError(f"arm {arm!r} cannot run on its own; accepted: {', '.join(INDEPENDENT_ARMS)}")
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     config = load_saved_config(out)
     config = config.model_copy(update={"arms": [arm], "robustness": config.robustness.model_copy(update={"enabled": False})})
     run = Run.start(config, resume=True, announce=False)

@@ -14,6 +14,8 @@ from bilevel.runtime.io import atomic_write_text
 from bilevel.runtime.report import console, results_table, write_json
 from bilevel.worlds.models import ModelRef
 
+ROBUSTNESS_FILE = "robustness.json"  # <run>/robustness.json: the concept rate of every arm under every attack
+
 #: arms with nothing to attack: the pruned student before training renders no concept to begin with
 SKIPPED_ARMS = ("pruned",)
 
@@ -44,7 +46,7 @@ def attack_arms(out: Path, config: RunConfig, arms: list[str]) -> dict[str, Any]
     columns = [("arm", "arm"), ("concept", "concept"), ("none", "no attack")] + [(n, n) for n in names]
     console.print(results_table("concept rate under attack [95%]", table, columns))
     summary = {"attacks": list(names), "rows": table, "reports": reports}
-    write_json(out / "robustness.json", summary)
+    write_json(out / ROBUSTNESS_FILE, summary)
     cells = [[str(row.get(key, "-")) for key, _ in columns] for row in table]
     atomic_write_text(out / "robustness.md", markdown_table([h for _, h in columns], cells) + "\n")
     return summary

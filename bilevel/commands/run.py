@@ -45,7 +45,7 @@ from bilevel.runtime.distributed import (
     shard,
 )
 from bilevel.runtime.io import atomic_save_tensors, atomic_write_text, load_tensors
-from bilevel.runtime.report import console, image_grid, results_table, write_json
+from bilevel.runtime.report import console, echo_plain, image_grid, results_table, write_json
 from bilevel.worlds.models import absolute_source
 
 RUN_MARKER = "config.json"
@@ -140,8 +140,10 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
         out = prepare_output_dir(config, resume=True)
         if (out / DONE).is_file():
             result = _finished_result(out)
-            if config.robustness.enabled and not (out / "robustness.json").is_file() and processes().is_main:
-                from bilevel.commands.robustness import attack_arms  # finished, but stopped before its attacks
+            from bilevel.commands.robustness import ROBUSTNESS_FILE, attack_arms
+
+            if config.robustness.enabled and not (out / ROBUSTNESS_FILE).is_file() and processes().is_main:
+                # finished, but stopped before its attacks
 
                 console.print(f"run in {out} finished before its attacks; attacking its arms")
                 attack_arms(out, config, [row["model"] for row in result.rows])
@@ -183,7 +185,8 @@ class Run:
         pruner, unlearner, solver = resolve_plugins(config)
         world = build_world(config)  # tiny world, Stable Diffusion, a plugin's: bad concepts fail before loading
         saved_pruned = Path(config.output.dir or "") / "students" / "pruned"
-        if resume and (saved_pruned / WEIGHTS).is_file():
+        reuse_saved = resume and (saved_pruned / WEIGHTS).is_file()
+        if reuse_saved:
             pruned, prune_seconds, provenance = _saved_pruned(saved_pruned, config.model.device)
         else:
             pruned, prune_seconds, provenance = _prune_or_reuse(config, pruner, world)
@@ -205,7 +208,7 @@ class Run:
             )
         if procs.multi:
             console.print(f"data-parallel over {procs.world_size} processes (rank 0 writes and evaluates)")
-        if not (resume and (out / "students" / "pruned" / WEIGHTS).is_file()) and procs.is_main:
+        if not reuse_saved and procs.is_main:
             manifest = make_manifest(pruned.student, pruned.feature_pairs, **provenance)
             save_student(out / "students" / "pruned", pruned.student, manifest)
         done = _finished_rows(out) if resume else {}
@@ -236,7 +239,7 @@ class Run:
         if workers < 2:
             return
         side_by_side = [a for a in pending if a in INDEPENDENT_ARMS]
-        run_side_by_side(self.out, side_by_side, workers, lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+        run_side_by_side(self.out, side_by_side, workers, echo_plain)
         self.done = _finished_rows(self.out)
         self.from_workers.update(side_by_side)
 
@@ -529,13 +532,12 @@ def _prune_or_reuse(config: RunConfig, pruner: Any, world: World) -> tuple[Prune
 def _saved_pruned(folder: Path, device: str) -> tuple[PruneResult, float, dict[str, Any]]:
     """The pruned student a run saved, rebuilt from its manifest (no second pruning, so no second importance
     pass or ratio search), with what made it."""
-    from bilevel.compression.student_io import load_student
+    from bilevel.compression.student_io import load_student, provenance_of
     from bilevel.core.interfaces import FeaturePair
 
     student, manifest = load_student(folder, device)
     pairs = [FeaturePair.from_json(p) for p in manifest.get("feature_pairs", [])]
-    provenance = {k: v for k, v in manifest.items() if k not in ("format", "config", "shapes", "module_attrs", "feature_pairs", "arm")}
-    return PruneResult(student, manifest, pairs), float(manifest.get("prune_seconds", 0.0)), provenance
+    return PruneResult(student, manifest, pairs), float(manifest.get("prune_seconds", 0.0)), provenance_of(manifest)
 
 
 def _reused_kd(folder: Path, pruned_student: nn.Module) -> tuple[nn.Module, float]:

@@ -19,14 +19,9 @@ import torch
 from torch import nn
 
 from bilevel.core.interfaces import CalibrationBatch
+from bilevel.diffusion.image_sets import tensor_fingerprint
 
 KEY_LENGTH = 20
-
-
-def _hash_tensor(h: hashlib._Hash, name: str, tensor: torch.Tensor) -> None:
-    t = tensor.detach().to("cpu").contiguous()
-    h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def pruning_fingerprint(
@@ -41,11 +36,11 @@ def pruning_fingerprint(
     h.update(json.dumps({"pruner": pruner_name, "options": options, "bilevel": __version__,
                          "torch": torch.__version__, "torch_pruning": torch_pruning.__version__},
                         sort_keys=True, default=str).encode())  # fmt: skip
-    for name, tensor in teacher.state_dict().items():
-        _hash_tensor(h, name, tensor)
+    tensors = dict(teacher.state_dict())
     if calibration is not None:
-        for name in ("x0", "cond", "alphas_cumprod"):
-            _hash_tensor(h, name, getattr(calibration, name))
+        tensors |= {f"calibration.{name}": getattr(calibration, name) for name in ("x0", "cond", "alphas_cumprod")}
+    for name, tensor in tensors.items():
+        h.update(f"{name}:{tensor_fingerprint(tensor)}".encode())
     return h.hexdigest()[:KEY_LENGTH]
 
 

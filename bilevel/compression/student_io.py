@@ -49,6 +49,15 @@ def describe_structure(model: nn.Module) -> dict[str, Any]:
     return {"shapes": shapes, "module_attrs": attrs}
 
 
+#: Manifest keys that describe the structure (written by make_manifest/save_student), not what made the student.
+STRUCTURE_KEYS = ("format", "config", "shapes", "module_attrs", "feature_pairs")
+
+
+def provenance_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What made a saved student (pruner, options, teacher, ...), to record again in the students made from it."""
+    return {k: v for k, v in manifest.items() if k not in STRUCTURE_KEYS and k != "arm"}
+
+
 def make_manifest(student: nn.Module, feature_pairs: list[FeaturePair], **extra: Any) -> dict[str, Any]:
     return {
         "format": FORMAT,

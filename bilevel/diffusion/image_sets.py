@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,22 +35,36 @@ def generate_or_load(
         "seed": str(seed),
         "model": model_fingerprint(ctx.teacher),
     }
-    path = Path(ctx.run_dir) / filename if ctx.run_dir is not None else None
-    if path is not None and path.is_file():
-        cached = read_cached(path, meta, "images")
-        if cached is not None:
-            return cached.to(ctx.device)
-    gen = torch.Generator().manual_seed(seed)
-    images = sample_images(
-        ctx.teacher, ctx.scheduler_config, ctx.encode(prompts), ctx.encode([""]),
-        steps=steps, guidance=guidance, generator=gen, channels=ctx.sample_shape[0], size=ctx.sample_shape[1],
-    )  # fmt: skip
-    if getattr(ctx, "clamp_samples", True):  # pixels; latents are left as sampled
-        images = images.clamp(-1, 1)
+
+    def sample() -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        images = sample_images(
+            ctx.teacher, ctx.scheduler_config, ctx.encode(prompts), ctx.encode([""]),
+            steps=steps, guidance=guidance, generator=gen, channels=ctx.sample_shape[0], size=ctx.sample_shape[1],
+        )  # fmt: skip
+        if getattr(ctx, "clamp_samples", True):  # pixels; latents are left as sampled
+            images = images.clamp(-1, 1)
+        return {"images": images}
+
+    return cached_tensors(ctx.run_dir, filename, meta, ["images"], sample)["images"].to(ctx.device)
+
+
+def cached_tensors(
+    folder: Path | None, filename: str, meta: dict[str, str], keys: list[str],
+    compute: Callable[[], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The tensors `keys` of folder/filename when it was written with the same `meta` (put there what the result
+    depends on: model and tensor fingerprints, settings), else compute() and write them there (atomically) for
+    the next caller. folder None: compute, keep nothing."""
+    path = Path(folder) / filename if folder is not None else None
+    found = read_cached_tensors(path, meta, keys) if path is not None else None
+    if found is not None:
+        return found
+    result = compute()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_tensors({"images": images}, path, metadata=meta)
-    return images.to(ctx.device)
+        atomic_save_tensors({k: v.contiguous() for k, v in result.items()}, path, metadata=meta)
+    return result
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -60,13 +75,6 @@ def model_fingerprint(model: nn.Module) -> str:
             t = p.detach().double()
             h.update(f"{name}{tuple(p.shape)}{float(t.sum()):.12e}{float(t.abs().sum()):.12e}".encode())
     return h.hexdigest()[:32]
-
-
-def read_cached(path: Path, meta: dict[str, str], *keys: str) -> torch.Tensor | None:
-    """The tensor `keys[0]` of a safetensors cache whose metadata equals `meta`; None when absent, stale or corrupt
-    (the caller then recomputes and overwrites it)."""
-    found = read_cached_tensors(path, meta, keys[:1])
-    return None if found is None else found[keys[0]]
 
 
 def read_cached_tensors(path: Path, meta: dict[str, str], keys: tuple[str, ...] | list[str]) -> dict[str, torch.Tensor] | None:

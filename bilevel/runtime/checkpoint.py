@@ -69,8 +69,7 @@ def save_checkpoint(folder: Path, arm: ArmState, state: TrainState, steps: int) 
     atomic_save_tensors(solver_tensors, target / SOLVER)
     atomic_save_tensors(arm.unlearner.state_dict() if arm.unlearner is not None else {}, target / UNLEARNER)
     atomic_save_tensors(_rng_state(), target / RNG)
-    extra = {f"{name}/{k}": v for name, obj in p.extra_state.items() for k, v in obj.state_dict().items()}
-    atomic_save_tensors(extra, target / EXTRA)
+    atomic_save_tensors(_flatten({name: obj.state_dict() for name, obj in p.extra_state.items()})[0], target / EXTRA)
     meta = {
         "format": FORMAT,
         "folder": name,
@@ -135,9 +134,9 @@ def load_checkpoint(folder: Path, arm: ArmState, steps: int) -> TrainState | Non
         c.count = int(meta["counters"][k])
     _set_rng_state(load_tensors(ckpt / RNG))
     if p.extra_state:
-        extra = load_tensors(ckpt / EXTRA) if (ckpt / EXTRA).is_file() else {}
+        extra = _unflatten(load_tensors(ckpt / EXTRA), {}) if (ckpt / EXTRA).is_file() else {}
         for name, obj in p.extra_state.items():
-            obj.load_state_dict({k.split("/", 1)[1]: v for k, v in extra.items() if k.split("/", 1)[0] == name})
+            obj.load_state_dict(extra.get(name, {}))
     return TrainState.from_json(meta)
 
 

@@ -17,6 +17,11 @@ from bilevel.runtime.io import atomic_write_text
 console = Console(width=None if Console().is_terminal else 140)  # logs: no truncated columns
 
 
+def echo_plain(line: str) -> None:
+    """A worker's log line as it is: no markup, highlighting or wrapping (its own tables keep their shape)."""
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, bool) or v is None:
         return "-" if v is None else str(v)

@@ -39,6 +39,11 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def threads_per_worker(workers: int) -> int:
+    """Each worker's equal share of the cores (its OMP_NUM_THREADS)."""
+    return max(1, usable_cores() // max(1, workers))
+
+
 def process_count(value: int | str, what: str) -> int:
     """A number of worker processes given as text or int, checked (>= 1); `what` names where it came from."""
     try:
@@ -97,7 +102,7 @@ def run_jobs(
     allows. Each job's lines are echoed prefixed with its name. on_finish(job, returncode, seconds) is called as
     each ends (returncode None: skipped because its `after` failed); if it raises, the running jobs are stopped
     and the error propagates (so one failure can stop the rest, or be recorded and let the rest go on)."""
-    threads = max(1, usable_cores() // max(1, slots))
+    threads = threads_per_worker(slots)
     outcome: dict[str, int | None] = {}
     waiting, running = list(jobs), []
     try:

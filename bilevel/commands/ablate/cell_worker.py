@@ -17,13 +17,10 @@ USAGE = "python -m bilevel.commands.ablate.cell_worker GRID_OUT CELL"
 
 
 def run_cell(out: Path, name: str) -> None:
-    import torch
-
     from bilevel.commands.ablate.execute import CELLS, GRID_FILE, cell_folder
     from bilevel.commands.ablate.grid import cell_config, load_grid, plan_cells
     from bilevel.commands.run import RUN_MARKER, run
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     grid = load_grid(out / GRID_FILE)
     cell = next((c for c in plan_cells(grid) if c.name == name), None)
     if cell is None:

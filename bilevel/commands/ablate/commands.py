@@ -84,8 +84,7 @@ def attack_unattacked_cells(grid: AblationGrid, outcome: GridOutcome) -> None:
     grid skips finished cells. Attacks already done are read back (robustness/<arm>/attacks.json), not redone."""
     if not grid.robustness:
         return
-    from bilevel.commands.ablate.results import ROBUSTNESS_FILE
-    from bilevel.commands.robustness import attack_arms
+    from bilevel.commands.robustness import ROBUSTNESS_FILE, attack_arms
     from bilevel.commands.run import DONE, load_saved_config
 
     for cell in outcome.cells:

@@ -14,13 +14,14 @@ from bilevel.commands.ablate.grid import AblationGrid, Cell, cell_config, plan_c
 from bilevel.commands.run import DONE, RUN_MARKER, run
 from bilevel.core.errors import BilevelError
 from bilevel.runtime.io import atomic_write_text
-from bilevel.runtime.report import console
+from bilevel.runtime.report import console, echo_plain
 from bilevel.runtime.workers import (
     WORKERS_ENV,
     Job,
     last_line,
     process_count,
     run_jobs,
+    threads_per_worker,
     usable_cores,
     workers_from_env,
 )
@@ -154,7 +155,7 @@ def _run_side_by_side(
             after=c.depends_on if c.depends_on in names else None)
         for c in order
     ]  # fmt: skip
-    threads = max(1, usable_cores() // slots)
+    threads = threads_per_worker(slots)
     console.print(f"{len(pending)} cell(s), {slots} at a time, one process each with {threads} thread(s); logs in {out / 'logs'}")
 
     def record(job: Job, returncode: int | None, seconds: float) -> None:
@@ -171,8 +172,7 @@ def _run_side_by_side(
         console.print(f"cell {job.name}: {entry['state']} ({done}/{len(cells)} done)")
         _write_status(out, status)
 
-    run_jobs(jobs, slots, lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True), record,
-             env={WORKERS_ENV: "1"})  # fmt: skip
+    run_jobs(jobs, slots, echo_plain, record, env={WORKERS_ENV: "1"})
     _write_status(out, status)
 
 

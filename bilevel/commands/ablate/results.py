@@ -13,6 +13,7 @@ from typing import Any
 
 from bilevel.commands.ablate.execute import cell_folder
 from bilevel.commands.ablate.grid import Cell
+from bilevel.commands.robustness import ROBUSTNESS_FILE
 from bilevel.commands.run import DONE
 from bilevel.core.stats import (
     Verdict,
@@ -49,7 +50,6 @@ RATES = ("concept_rate", "retained_accuracy", "collateral")
 #: metric key prefix of the concept rate under an attack (`bilevel run --robustness`); "attack:none" is the attacks'
 #: own measurement of the untouched model, with their sampler, so it compares with the attacked rates directly
 ATTACK = "attack:"
-ROBUSTNESS_FILE = "robustness.json"
 # Below this KD-only concept rate (or retained accuracy) a setting cannot separate the methods: nothing leaked to
 # suppress, or the student never recovered.
 LEAK = 0.1

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -24,10 +23,9 @@ from bilevel.core.interfaces import PluginConfig, UnlearnContext, Unlearner
 from bilevel.toolkit import (
     RetainBatch,
     add_noise,
-    atomic_save_tensors,
+    cached_tensors,
     draw_retain,
     model_fingerprint,
-    read_cached_tensors,
     sample_trajectories,
     tensor_fingerprint,
     uncond_cond_eps,
@@ -108,11 +106,8 @@ class ESD(Unlearner):
             return
         prompts = [ctx.concept_prompts[i % len(ctx.concept_prompts)] for i in range(cfg.pool_size)]
         cond = ctx.encode(prompts)
-        path = Path(ctx.run_dir) / POOL_CACHE if ctx.run_dir is not None else None
-        meta = self._pool_meta(ctx, cond)
-        keys = ["pool", "timesteps"] + (["target"] if cfg.cache_targets else [])
-        cached = read_cached_tensors(path, meta, keys) if path is not None and path.is_file() else None
-        if cached is None:
+
+        def sample() -> dict[str, torch.Tensor]:
             gen = torch.Generator().manual_seed(ctx.seed + 17)
             score = (lambda e_u, e_c: esd_target(e_u, e_c, cfg.eta)) if cfg.cache_targets else None
             out = sample_trajectories(
@@ -120,10 +115,10 @@ class ESD(Unlearner):
                 steps=cfg.sample_steps, guidance=cfg.sample_guidance, generator=gen, shape=ctx.sample_shape,
                 score=score,
             )  # fmt: skip
-            cached = {"pool": out[0], "timesteps": out[1]} | ({"target": out[2]} if cfg.cache_targets else {})
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_save_tensors({k: v.contiguous() for k, v in cached.items()}, path, metadata=meta)
+            return {"pool": out[0], "timesteps": out[1]} | ({"target": out[2]} if cfg.cache_targets else {})
+
+        keys = ["pool", "timesteps"] + (["target"] if cfg.cache_targets else [])
+        cached = cached_tensors(ctx.run_dir, POOL_CACHE, self._pool_meta(ctx, cond), keys, sample)
         self._pool, self._timesteps = cached["pool"], cached["timesteps"]
         self._pool_target = cached.get("target")
         self._pool_cond = cond
