@@ -17,7 +17,7 @@ everything a built-in does without reaching into engine modules whose layout may
 - evaluation helpers: `autocast` (the run's mixed precision), `frechet_distance` (on any features);
 - files: `atomic_save_tensors`, `atomic_write_text`, `load_tensors`, `read_format_json`, `image_grid`;
 - attacks: `ConditioningSwap` (render other conditioning in place of the concept prompts through the world's own
-  evaluator), `measure_concept_rate` (a concept rate with its Wilson interval), `concept_examples`,
+  evaluator), `fit_prompt_offsets` (concept inversion: learn conditioning offsets against a frozen model), `measure_concept_rate` (a concept rate with its Wilson interval), `concept_examples`,
   `read_prompt_file`, `relearn` (fine-tune a copy and measure the concept along the way);
 - solver building blocks: hypergradients (`implicit_hypergrad`, `unrolled_hypergrad`, `conjugate_gradient`,
   `neumann`, HVPs) and parameter swapping (`swap_parameters`, `Coupled`).
@@ -72,6 +72,7 @@ from bilevel.diffusion.prompt_mapping import (
     remap_prompts,
     replace_concept,
 )
+from bilevel.diffusion.prompt_offsets import fit_prompt_offsets
 from bilevel.diffusion.retain import (
     RetainBatch,
     draw_retain,
@@ -187,6 +188,7 @@ __all__ = [
     "draw_retain",
     "explain_missing_double_backward",
     "explicit_prompts",
+    "fit_prompt_offsets",
     "frechet_distance",
     "generate_or_load",
     "get_velocity",

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bilevel.core.config import InversionHardening
@@ -26,8 +25,9 @@ from bilevel.core.interfaces import Objective, UnlearnContext
 from bilevel.core.world import World
 from bilevel.diffusion.conditioning_swap import ConditioningSwap
 from bilevel.diffusion.kd_objective import DrawCounter
-from bilevel.diffusion.noise import noised, prediction_type
+from bilevel.diffusion.noise import prediction_type
 from bilevel.diffusion.prompt_mapping import replace_concept
+from bilevel.diffusion.prompt_offsets import fit_prompt_offsets
 from bilevel.worlds.concept_examples import concept_examples
 
 
@@ -55,28 +55,13 @@ class InversionAdversary:
         """`steps` Adam steps of every concept's offset against the student as it is now (student frozen);
         index: which refresh this is (its draws are seeded by it)."""
         cfg = self.config
-        delta = self.delta.clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([delta], lr=cfg.lr)
-        flags = {p: p.requires_grad for p in student.parameters()}
-        student.requires_grad_(False)
-        kind = prediction_type(self.world.scheduler_config)
-        try:
-            for step in range(cfg.steps):
-                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index * 1009 + step)
-                loss = 0.0
-                for c_index, (x0, base) in enumerate(self.examples):
-                    idx = torch.randint(len(x0), (min(cfg.batch_size, len(x0)),), generator=gen)
-                    xt, t, target = noised(x0[idx], self.world.alphas_cumprod, gen, self.world.device, kind)
-                    pred = student(xt, t, encoder_hidden_states=base[idx] + delta[c_index]).sample
-                    loss = loss + F.mse_loss(pred, target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                self.last_loss = float(loss.detach())
-        finally:
-            for p, flag in flags.items():
-                p.requires_grad_(flag)
-        self.delta = delta.detach()
+        self.delta, losses = fit_prompt_offsets(
+            student, self.examples, self.delta, alphas_cumprod=self.world.alphas_cumprod,
+            prediction=prediction_type(self.world.scheduler_config), device=self.world.device, steps=cfg.steps,
+            lr=cfg.lr, batch_size=cfg.batch_size,
+            generator=lambda step: torch.Generator().manual_seed(self.seed * 1_000_003 + index * 1009 + step),
+        )  # fmt: skip
+        self.last_loss = losses[-1] if losses else self.last_loss
         self.refreshes += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -8,16 +8,14 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from bilevel.core.attack import Attack, AttackConfig, AttackResult
 from bilevel.toolkit import (
     concept_examples,
     draw_generator,
-    gradient_step,
+    fit_prompt_offsets,
     measure_swapped_rate,
-    noised,
     prediction_type,
     replace_concept,
 )
@@ -50,25 +48,18 @@ class Inversion(Attack):
         cfg: InversionConfig = self.config  # type: ignore[assignment]
         x0, prompts = concept_examples(world, concept, cfg.k, cfg.images)
         cond = world.bank(self.base_prompts(prompts, concept))
-        delta = torch.zeros(cond.shape[1:], device=cond.device, requires_grad=True)
-        optimizer = torch.optim.Adam([delta], lr=cfg.lr)
-        flags = {p: p.requires_grad for p in unet.parameters()}
         was_training = unet.training
-        unet.eval().requires_grad_(False)  # the attacked model is frozen: only the embedding learns
-        losses = []
-        try:
-            for step in range(cfg.steps):
-                gen = draw_generator(cfg.seed, step)
-                idx = torch.randint(len(x0), (min(cfg.batch_size, len(x0)),), generator=gen)
-                xt, t, target = noised(x0[idx], world.alphas_cumprod, gen, world.device,
-                                       prediction_type(world.scheduler_config))  # fmt: skip
-                loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond[idx] + delta).sample, target)
-                gradient_step(loss, {"embedding": delta}, optimizer)
-                losses.append(float(loss.detach()))
+        unet.eval()
+        try:  # the attacked model is frozen: only the embedding learns
+            offsets, losses = fit_prompt_offsets(
+                unet, [(x0, cond)], torch.zeros((1, *cond.shape[1:]), device=cond.device),
+                alphas_cumprod=world.alphas_cumprod, prediction=prediction_type(world.scheduler_config),
+                device=world.device, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                generator=lambda step: draw_generator(cfg.seed, step),
+            )  # fmt: skip
         finally:
-            for p, flag in flags.items():
-                p.requires_grad_(flag)
             unet.train(was_training)
+        delta = offsets[0]
         base = world.bank(self.base_prompts(world.concept_prompts(concept), concept))
         before = measure_swapped_rate(world, unet, concept, evaluation, cfg.samples, cfg.sampler_steps, base)
         learned = base + delta.detach()
