@@ -6,8 +6,10 @@ everything a built-in does without reaching into engine modules whose layout may
 - noising and targets: `add_noise`, `get_velocity`, `task_target`, `prediction_type`, `noised` (draws t and eps);
 - sampling: `sample_images`, `sample_trajectories`, `guided_eps`, `uncond_cond_eps`;
 - prompts: `PromptBank`, `PromptMapping` (the shared anchor/relabel option) and its helpers;
-- image sets: `generate_or_load` (teacher samples cached beside the run), `load_png_folder`; caches of your own:
-  `cached_tensors` with `model_fingerprint` / `tensor_fingerprint` in the metadata (reused only when made alike);
+- image sets: `generate_or_load` (teacher samples cached beside the run, or in the grid's shared cache),
+  `load_png_folder`; caches of your own: `preparation_cache` (an unlearner's one-off tensors, shared by runs through
+  ctx.cache_dir) or `cached_tensors`, with `model_fingerprint` / `tensor_fingerprint` in the metadata (reused only
+  when made alike);
 - the retain extension: `draw_retain`, `RetainBatch`;
 - parameter subsets: `select_subset`, `attention_modules`;
 - compression: `prune_unet_channels` (one channel engine, any torch-pruning importance), `check_forward`,
@@ -46,6 +48,7 @@ from bilevel.diffusion.image_sets import (
     generate_or_load,
     load_png_folder,
     model_fingerprint,
+    preparation_cache,
     tensor_fingerprint,
 )
 from bilevel.diffusion.noise import (
@@ -212,6 +215,7 @@ __all__ = [
     "norm",
     "optimizer_step",
     "prediction_type",
+    "preparation_cache",
     "prune_unet_channels",
     "read_format_json",
     "read_prompt_file",

@@ -342,6 +342,39 @@ def test_anchor_images_cached_and_reused(pipe, tmp_path: Path, monkeypatch: pyte
         ConceptAblation(ConceptAblationConfig(num_anchor_images=5, anchor_steps=3)).prepare(ctx)
 
 
+def test_preparations_are_shared_across_runs_through_the_cache_dir(pipe, tmp_path, monkeypatch) -> None:
+    """Two runs (own folders, other students: e.g. two pruners' cells of a grid) with one cache_dir sample ESD's
+    pool and Concept Ablation's anchors once; another seed samples afresh, and nothing lands in the run folders."""
+    import dataclasses
+
+    import bilevel.plugins.unlearners.esd as esd_module
+
+    shared = tmp_path / "cache"
+    cell_a = dataclasses.replace(tiny_ctx(pipe, run_dir=tmp_path / "a"), cache_dir=shared)
+    cell_b = dataclasses.replace(tiny_ctx(pipe, run_dir=tmp_path / "b"), cache_dir=shared)
+    with torch.no_grad():  # the second cell's student differs (only the frozen teacher decides these tensors)
+        next(cell_b.student.parameters()).add_(1.0)
+    pools, anchors = [], []
+    real_pool, real_images = esd_module.sample_trajectories, image_sets.sample_images
+    monkeypatch.setattr(esd_module, "sample_trajectories", lambda *a, **k: pools.append(1) or real_pool(*a, **k))
+    monkeypatch.setattr(image_sets, "sample_images", lambda *a, **k: anchors.append(1) or real_images(*a, **k))
+    esd_cfg, ca_cfg = ESDConfig(pool_size=6, sample_steps=2), ConceptAblationConfig(num_anchor_images=5, anchor_steps=2)
+    first_esd, first_ca = ESD(esd_cfg), ConceptAblation(ca_cfg)
+    first_esd.prepare(cell_a)
+    first_ca.prepare(cell_a)
+    second_esd, second_ca = ESD(esd_cfg), ConceptAblation(ca_cfg)
+    second_esd.prepare(cell_b)
+    second_ca.prepare(cell_b)
+    assert (len(pools), len(anchors)) == (1, 1)
+    assert torch.equal(first_esd._pool, second_esd._pool)
+    assert torch.equal(first_ca.state_dict()["anchor_images"], second_ca.state_dict()["anchor_images"])
+    assert len(list((shared / "unlearner").glob("*.safetensors"))) == 2
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    ESD(esd_cfg).prepare(dataclasses.replace(cell_b, seed=1))  # another seed: another pool, beside the first
+    assert len(pools) == 2
+    assert len(list((shared / "unlearner").glob("esd*.safetensors"))) == 2
+
+
 def test_anchor_images_from_png_folder(tmp_path: Path) -> None:
     from PIL import Image
 

@@ -127,6 +127,9 @@ class UnlearnContext:
     #: unlearners that read image folders (e.g. Concept Ablation's anchors)
     encode_images: Callable[[torch.Tensor], torch.Tensor] | None = None
     image_shape: tuple[int, int, int] | None = None  # (C, H, W) of such images in pixels
+    #: a folder shared by runs (config.cache_dir): preparations that depend only on what their cache metadata names
+    #: (the frozen model, prompts, settings, seed) go there, so the cells of a grid sample them once
+    cache_dir: Path | None = None
 
 
 def _marks_prepared(prepare: Callable[..., None]) -> Callable[..., None]:

@@ -26,8 +26,8 @@ def generate_or_load(
     guidance: float,
     seed: int,
 ) -> torch.Tensor:
-    """Images of the frozen teacher for `prompts` (one each), cached in ctx.run_dir/filename and reused when the
-    cache was made with the same prompts and settings."""
+    """Images of the frozen teacher for `prompts` (one each), cached (see `preparation_cache`) and reused when the
+    cache was made by the same teacher with the same prompts and settings."""
     meta = {
         "prompts": json.dumps(prompts),
         "steps": str(steps),
@@ -46,7 +46,21 @@ def generate_or_load(
             images = images.clamp(-1, 1)
         return {"images": images}
 
-    return cached_tensors(ctx.run_dir, filename, meta, ["images"], sample)["images"].to(ctx.device)
+    return preparation_cache(ctx, filename, meta, ["images"], sample)["images"].to(ctx.device)
+
+
+def preparation_cache(
+    ctx: UnlearnContext, filename: str, meta: dict[str, str], keys: list[str],
+    compute: Callable[[], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """`cached_tensors` for an unlearner's one-off preparation. With ctx.cache_dir (shared by runs) the file is
+    named by a digest of `meta`, so every run that would compute the same tensors (another cell of a grid, another
+    pruner with the same frozen teacher and seed) reads them instead; otherwise it lives in the run's own folder."""
+    if ctx.cache_dir is None:
+        return cached_tensors(ctx.run_dir, filename, meta, keys, compute)
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
+    name = Path(filename)
+    return cached_tensors(Path(ctx.cache_dir) / "unlearner", f"{name.stem}-{digest}{name.suffix}", meta, keys, compute)
 
 
 def cached_tensors(

@@ -21,10 +21,12 @@ from bilevel.runtime.precision import attach_loss_scaler, under_autocast
 
 
 def unlearn_context(
-    student: nn.Module, reference: nn.Module, world: World, run_dir: Path | None, seed: int, aliases: bool = False
+    student: nn.Module, reference: nn.Module, world: World, run_dir: Path | None, seed: int, aliases: bool = False,
+    cache_dir: Path | None = None,
 ) -> UnlearnContext:
     """Everything an unlearner may use; `reference` is the frozen model its targets come from. aliases: the concept
-    prompts also name each concept by the world's other names (paraphrase hardening, AdvUnlearn-style)."""
+    prompts also name each concept by the world's other names (paraphrase hardening, AdvUnlearn-style). cache_dir:
+    the folder runs share (config.cache_dir) for preparations that do not depend on the run."""
     has_retain = len(world.finetune) > 0
     return UnlearnContext(
         student=student,
@@ -47,6 +49,7 @@ def unlearn_context(
         tokenizer=world.tokenizer,
         encode_images=world.encode_images,
         image_shape=world.image_shape,
+        cache_dir=cache_dir,
     )
 
 
@@ -129,7 +132,9 @@ def upper_objective(
     """The unlearner's forgetting loss (prepared once), the parameters it trains, and state a checkpoint must keep
     (the inversion adversary's embedding, when training.upper_inversion is on)."""
     tc, mc = config.training, config.model
-    ctx = unlearn_context(student, world.teacher, world, run_dir, tc.seed, aliases=tc.upper_aliases)
+    ctx = unlearn_context(
+        student, world.teacher, world, run_dir, tc.seed, aliases=tc.upper_aliases, cache_dir=config.cache_dir
+    )
     with main_first():  # rank 0 writes the unlearner's caches in run_dir, the other processes then read them
         under_autocast(unlearner.prepare, mc.mixed_precision, world.device)(ctx)
     upper_draw = under_autocast(unlearner.draw, mc.mixed_precision, world.device)

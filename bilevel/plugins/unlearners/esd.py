@@ -23,9 +23,9 @@ from bilevel.core.interfaces import PluginConfig, UnlearnContext, Unlearner
 from bilevel.toolkit import (
     RetainBatch,
     add_noise,
-    cached_tensors,
     draw_retain,
     model_fingerprint,
+    preparation_cache,
     sample_trajectories,
     tensor_fingerprint,
     uncond_cond_eps,
@@ -99,8 +99,8 @@ class ESD(Unlearner):
         return select_parameters(student, self.config.variant)
 
     def prepare(self, ctx: UnlearnContext) -> None:
-        """Sample the pool of frozen-model trajectories, or reuse the one cached in ctx.run_dir when it was made
-        by the same frozen model, prompts and settings (another arm of the run, or another run sharing the cache)."""
+        """Sample the pool of frozen-model trajectories, or reuse a cached one made by the same frozen model,
+        prompts and settings (another arm of the run, or, through ctx.cache_dir, another cell of a grid)."""
         cfg: ESDConfig = self.config
         if cfg.xt_source != "sample":
             return
@@ -118,7 +118,7 @@ class ESD(Unlearner):
             return {"pool": out[0], "timesteps": out[1]} | ({"target": out[2]} if cfg.cache_targets else {})
 
         keys = ["pool", "timesteps"] + (["target"] if cfg.cache_targets else [])
-        cached = cached_tensors(ctx.run_dir, POOL_CACHE, self._pool_meta(ctx, cond), keys, sample)
+        cached = preparation_cache(ctx, POOL_CACHE, self._pool_meta(ctx, cond), keys, sample)
         self._pool, self._timesteps = cached["pool"], cached["timesteps"]
         self._pool_target = cached.get("target")
         self._pool_cond = cond
