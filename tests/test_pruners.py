@@ -137,6 +137,27 @@ def test_head_pruning_and_round_to_shape_the_student(teacher) -> None:
         assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize(
+    "ratio,outer,heads,round_to",
+    [(0.3, None, False, None), pytest.param(0.25, 0.13, True, 8, marks=pytest.mark.slow)],  # 13 s each
+    ids=["uniform", "outer-heads-round"],
+)
+def test_weightless_search_stand_in_prunes_the_same_channel_counts(teacher, ratio, outer, heads, round_to) -> None:
+    """The MAC-target search of a large teacher prunes a meta-device copy with a data-free score: the student it
+    measures must have every tensor shape, and so the MAC share, of the real pruned teacher."""
+    from bilevel.compression.channel_pruning import prune_unet_channels, search_stand_in
+
+    shape = {"outer_ratio": outer, "prune_heads": heads, "round_to": round_to}
+    real_teacher, magnitude = search_stand_in(teacher, weightless=False)
+    stand_in, data_free = search_stand_in(teacher, weightless=True)
+    assert real_teacher is teacher and all(p.is_meta for p in stand_in.parameters())
+    real, _ = prune_unet_channels(teacher, magnitude, ratio, **shape)
+    weightless, _ = prune_unet_channels(stand_in, data_free, ratio, **shape)
+    shapes = {k: tuple(v.shape) for k, v in real.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in weightless.state_dict().items()}
+    assert count_macs(real) / count_macs(teacher) == count_macs(weightless) / count_macs(stand_in) < 0.9
+
+
 @pytest.mark.slow  # 30 s: one SD-v1-sized forward under the flop counter
 def test_mac_count_includes_attention() -> None:
     """FlopCounterMode with the math attention backend sees the attention matmuls torch-pruning's counter omits:
