@@ -67,7 +67,7 @@ def main() -> None:
             label, f"{params / 1e6:.1f}M", f"{real:.1f}", f"{meta:.1f}", f"{real / meta:.2f}x",
             str(shares[False] == shares[True]), "weightless" if params > WEIGHTLESS_SEARCH_PARAMS else "teacher",
         )  # fmt: skip
-    Console().print(table)
+    Console(width=150).print(table)
 
 
 if __name__ == "__main__":

@@ -139,6 +139,8 @@ def bench(world: str, args: argparse.Namespace, console: Console) -> list[dict[s
     models: dict[str, nn.Module] = {"teacher": teacher}
     rows = [{"model": "teacher", "params": count_params(teacher), "macs": count_macs_with_attention(teacher), "prune_s": 0.0}]
     for name, pruner, options in SETTINGS:
+        if args.only and name not in args.only:
+            continue
         opts = dict(options)
         if pruner == "diff-pruning" and world == "sd-v1":
             opts["timestep_stride"] = args.sd_stride
@@ -217,7 +219,15 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32, help="images per sampling run on the tiny world (0: skip)")
     parser.add_argument("--sd-images", type=int, default=1, help="images per sampling run on SD-v1 (0: skip)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument(
+        "--only", type=lambda v: [s.strip() for s in v.split(",")], default=None,
+        help="comma-separated setting labels to measure beside the teacher (e.g. 'magnitude,bk-sdm (small)'); "
+        "SD-v1 students are 1-3 GB each on CPU",
+    )  # fmt: skip
     args = parser.parse_args()
+    unknown = set(args.only or ()) - {label for label, _, _ in SETTINGS}
+    if unknown:
+        parser.error(f"unknown setting(s) {sorted(unknown)}; known: {[label for label, _, _ in SETTINGS]}")
 
     console = Console(width=150)
     worlds = ["sd-v1"] if args.sd_v1_only else ["tiny"] + (["sd-v1"] if args.sd_v1 else [])
