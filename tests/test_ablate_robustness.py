@@ -103,12 +103,17 @@ def test_records_and_aggregates_carry_the_rate_under_each_attack(tmp_path):
 
 
 def test_over_seeds_attack_rates_get_a_t_interval(tmp_path):
+    """Identical seeds have no spread, but their samples still have uncertainty: the interval is the t-interval
+    widened to the pooled samples' (each side of a seed's Wilson interval / sqrt(seeds)), never a point."""
     grid, outcome = _fake_grid(tmp_path, [0, 1])
     by_method = {a.method: a for a in aggregate(collect(tmp_path, outcome.cells))}
     agg = by_method["bilevel"]
     assert agg.n == 2 and agg.values["attack:relearn-benign"] == [pytest.approx(2 / N)] * 2
     low, high = agg.interval["attack:relearn-benign"]
-    assert low == pytest.approx(2 / N) and high == pytest.approx(2 / N)  # identical seeds: no spread
+    one_low, one_high = wilson_interval(2, N)
+    assert low == pytest.approx(2 / N - (2 / N - one_low) / 2**0.5)
+    assert high == pytest.approx(2 / N + (one_high - 2 / N) / 2**0.5)
+    assert one_low < low < 2 / N < high < one_high  # narrower than one seed's, wider than a point
     checks = check_claim(list(by_method.values()), grid.claim_margin)
     assert checks[0].robustness == {"paraphrase": "holds", "relearn-benign": "holds"}  # paired over the seeds
 

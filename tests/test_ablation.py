@@ -15,7 +15,7 @@ from bilevel.cli import main
 from bilevel.commands.ablate import execute
 from bilevel.commands.ablate.browser import check_html, find_browser
 from bilevel.commands.ablate.grid import AblationGrid, load_grid, plan_cells
-from bilevel.commands.ablate.results import Aggregate, check_claim
+from bilevel.commands.ablate.results import Aggregate, Record, aggregate, check_claim
 
 SMALL = [
     "--set", "training.steps=6", "--set", "training.batch_size=8", "--set", "training.upper_batch_size=4",
@@ -201,6 +201,28 @@ def test_claim_check_pairs_seeds():
     assert worse.suppresses_as_well == "fails" and worse.verdict == "fails"
     (noisy,) = check_claim([agg("bilevel", [0.0, 0.3, 0.0]), agg("two-stage", [0.1, 0.0, 0.0])])
     assert noisy.suppresses_as_well == "inconclusive"
+
+
+def test_over_seeds_agreeing_seeds_keep_their_sampling_uncertainty():
+    """Three seeds that all measure 0/128 (or 0.90 of 224) have no spread, so a t-interval alone would be a point
+    ([0.00, 0.00]) and a paired difference exactly 0; the samples' own uncertainty keeps both honest."""
+    from bilevel.core.stats import wilson_interval
+
+    def agg(method, concept, retained):
+        values = {"concept_rate": [concept / 128] * 3, "retained_accuracy": [retained / 224] * 3}
+        mean = {k: v[0] for k, v in values.items()}
+        one = {"concept_rate": wilson_interval(concept, 128), "retained_accuracy": wilson_interval(retained, 224)}
+        records = [Record(f"c{s}", method, method, "p", "u", "s", s, dict(mean), intervals=one) for s in (0, 1, 2)]
+        return aggregate(records)[0]
+
+    bilevel, two_stage = agg("bilevel", 0, 202), agg("two-stage", 0, 202)
+    low, high = bilevel.interval["concept_rate"]
+    assert low == 0.0 and 0.01 < high < wilson_interval(0, 128)[1]  # about the pooled 0/384's, not a point
+    (check,) = check_claim([bilevel, two_stage], margin=0.05)
+    _, d_low, d_high = check.concept_difference
+    assert d_low < 0 < d_high <= 0.05 and check.suppresses_as_well == "holds"  # a tie within the margin
+    _, q_low, q_high = check.quality_difference
+    assert q_low < -0.02 and q_high > 0.02  # equal retained accuracy: 3 x 224 samples cannot show it exactly
 
 
 def test_html_report_renders_in_headless_chromium(grid_run):

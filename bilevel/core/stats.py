@@ -1,5 +1,6 @@
 """Uncertainty for every rate a user reads: Wilson score intervals for a proportion (one run), Student-t intervals
-of per-seed means (several seeds), and the three-way verdict a comparison can honestly give."""
+of per-seed means (several seeds) never narrower than the samples' own uncertainty, and the three-way verdict a
+comparison can honestly give."""
 
 from __future__ import annotations
 
@@ -50,6 +51,40 @@ def mean_interval(values: list[float]) -> tuple[float, float, float]:
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = t_quantile(n - 1) * sd / math.sqrt(n)
     return (mean, mean - half, mean + half)
+
+
+def seeds_sampling_interval(
+    values: list[float], per_seed: list[tuple[float, float]] | list[list[float]]
+) -> tuple[float, float]:
+    """The sampling uncertainty of the mean of per-seed rates, from each seed's own 95% (Wilson) interval: each
+    side's half-width averaged over the seeds and divided by sqrt(n seeds), about the interval of the pooled
+    samples. With 2-3 seeds a t-interval alone collapses to a point when the seeds agree (0/128 three times would
+    read [0.00, 0.00]); widened to at least this (`hull`), no interval claims more certainty than the samples hold."""
+    n = len(values)
+    if n == 0 or len(per_seed) != n:
+        raise ValueError("one interval per seed is needed")
+    mean = sum(values) / n
+    below = sum(v - iv[0] for v, iv in zip(values, per_seed)) / (n * math.sqrt(n))
+    above = sum(iv[1] - v for v, iv in zip(values, per_seed)) / (n * math.sqrt(n))
+    return (mean - below, mean + above)
+
+
+def hull(interval: tuple[float, float, float], floor: tuple[float, float]) -> tuple[float, float, float]:
+    """(value, low, high) widened to contain `floor` (low, high)."""
+    value, low, high = interval
+    return (value, min(low, floor[0]), max(high, floor[1]))
+
+
+def rate_over_seeds(
+    values: list[float], per_seed: list[tuple[float, float]] | list[list[float]] | None = None
+) -> tuple[float, float, float]:
+    """(mean, low, high) of a rate over seeds: the t-interval of the per-seed values, widened to the samples' own
+    uncertainty when every seed's interval is known, clipped to [0, 1]."""
+    over_seeds = mean_interval(values)
+    if per_seed is not None and len(values) > 1:
+        over_seeds = hull(over_seeds, seeds_sampling_interval(values, per_seed))
+    mean, low, high = over_seeds
+    return (mean, max(0.0, low), min(1.0, high))
 
 
 def difference_interval(

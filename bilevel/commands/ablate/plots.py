@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bilevel.commands.ablate.results import Aggregate, Record
-from bilevel.core.stats import mean_interval
+from bilevel.core.stats import rate_over_seeds
 
 METHOD_COLOURS = {
     "teacher": "#444444",
@@ -161,8 +161,8 @@ _TWO_STAGE_STYLES = {"two-stage": "--", "two-stage (tuned)": ":"}
 def relearning_series(records: list[Record]) -> dict[str, dict[str, dict[str, list[RelearnPoint]]]]:
     """attack -> pruner -> line label -> points, for the attacks that relearn (`relearn-*`), averaged over seeds.
 
-    The band is the run's Wilson interval for one seed and a t-interval of the per-seed rates for several (as the
-    tables' rates). The teacher (no pruner) is drawn in every pruner's panel."""
+    The band is the run's Wilson interval for one seed and a t-interval of the per-seed rates for several, at least
+    the samples' own uncertainty (as the tables' rates). The teacher (no pruner) is drawn in every pruner's panel."""
     pruners = list(dict.fromkeys(r.pruner for r in records if r.pruner != "-")) or ["-"]
     runs: dict[tuple[str, str, str], list[list[dict]]] = {}
     for r in records:
@@ -183,8 +183,9 @@ def _mean_points(curves: list[list[dict]]) -> list[RelearnPoint]:
     for i in range(min(len(c) for c in curves)):
         rates = [float(c[i]["concept_rate"]) for c in curves]
         if len(curves) > 1:
-            mean, low, high = mean_interval(rates)
-            points.append((float(curves[0][i]["step"]), mean, max(0.0, low), min(1.0, high)))
+            known = [c[i].get("interval") for c in curves]
+            mean, low, high = rate_over_seeds(rates, known if all(known) else None)
+            points.append((float(curves[0][i]["step"]), mean, low, high))
         else:
             interval = curves[0][i].get("interval")
             low, high = (float(interval[0]), float(interval[1])) if interval else (None, None)

@@ -20,8 +20,10 @@ from bilevel.core.stats import (
     at_most,
     combine,
     difference_interval,
-    mean_interval,
+    hull,
     paired_difference_interval,
+    rate_over_seeds,
+    seeds_sampling_interval,
     wilson_interval,
 )
 
@@ -89,11 +91,14 @@ class Aggregate:
     mean: dict[str, float]
     std: dict[str, float]
     cells: list[str]
-    #: 95% intervals of the rates: over seeds a t-interval of the per-seed values, for one seed the run's Wilson one
+    #: 95% intervals of the rates: over seeds a t-interval of the per-seed values widened to at least `sampling`,
+    #: for one seed the run's Wilson one
     interval: dict[str, tuple[float, float]] = field(default_factory=dict)
     #: per-seed values in seed order (what paired comparisons pair)
     values: dict[str, list[float]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=list)
+    #: over seeds: the samples' own uncertainty of the mean rate (bilevel.core.stats.seeds_sampling_interval)
+    sampling: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -208,15 +213,18 @@ def aggregate(records: list[Record]) -> list[Aggregate]:
         mean = {k: sum(v) / len(v) for k, v in values.items()}
         std = {k: _sample_std(v) for k, v in values.items()}
         interval: dict[str, tuple[float, float]] = {}
+        sampling: dict[str, tuple[float, float]] = {}
         for k in (k for k in keys if is_rate(k)):
             if len(rs) > 1:
-                _, low, high = mean_interval(values[k])
-                interval[k] = (max(0.0, low), min(1.0, high))
+                per_seed = [r.intervals[k] for r in rs] if all(k in r.intervals for r in rs) else None
+                if per_seed is not None:
+                    sampling[k] = seeds_sampling_interval(values[k], per_seed)
+                interval[k] = rate_over_seeds(values[k], per_seed)[1:]
             elif k in rs[0].intervals:
                 interval[k] = rs[0].intervals[k]
         cells = [r.cell for r in rs]
         out.append(Aggregate(method, pruner, unlearner, solver, len(rs), mean, std, cells, interval, values,
-                             [r.seed for r in rs]))  # fmt: skip
+                             [r.seed for r in rs], sampling))  # fmt: skip
     return out
 
 
@@ -249,10 +257,16 @@ class ClaimCheck:
         return self.kd.mean["concept_rate"] >= LEAK and self.kd.mean["retained_accuracy"] >= LEAK
 
     def difference(self, worse: Aggregate, better: Aggregate, key: str) -> tuple[float, float, float]:
-        """(worse - better, low, high) for `key`: paired over seeds when both ran the same seeds (>1), else from the
-        two runs' Wilson intervals."""
+        """(worse - better, low, high) for `key`: paired over seeds when both ran the same seeds (>1), widened to at
+        least the Newcombe interval of the two means' sampling uncertainty; else from the two runs' Wilson
+        intervals."""
         if worse.n > 1 and worse.seeds == better.seeds:
-            return paired_difference_interval(worse.values[key], better.values[key])
+            paired = paired_difference_interval(worse.values[key], better.values[key])
+            if key not in worse.sampling or key not in better.sampling:
+                return paired
+            a, b = worse.mean[key], better.mean[key]
+            _, low, high = difference_interval(a, worse.sampling[key], b, better.sampling[key])
+            return hull(paired, (low, high))
         a, b = worse.mean[key], better.mean[key]
         return difference_interval(a, worse.interval.get(key, (a, a)), b, better.interval.get(key, (b, b)))
 

@@ -149,7 +149,7 @@ def claim_summary(checks: list[ClaimCheck], margin: float) -> str:
 
     text = (
         f"The claim {tally(checks)} comparisons (each setting against each two-stage arm run). Each part is decided from 95% intervals of the difference "
-        f"(Newcombe's for one seed, a paired t-interval over seeds): it fails when bilevel is confidently worse than "
+        f"(Newcombe's for one seed; over seeds a paired t-interval, never narrower than the samples' own uncertainty): it fails when bilevel is confidently worse than "
         f"two-stage, holds when it is at most {margin:g} worse at 95% confidence, and is inconclusive when the samples "
         "cannot tell."
     )
@@ -220,7 +220,7 @@ def markdown_report(
     if checks:
         parts += [markdown_table(CLAIM_HEADERS, claim_rows(checks)), ""]
     seeds = (
-        "rates: mean and 95% interval over seeds (t); the rest: mean ± std over seeds"
+        "rates: mean and 95% interval over seeds (t, at least the samples' own); the rest: mean ± std over seeds"
         if len(grid.seeds) > 1
         else "one seed; rates with their 95% Wilson interval"
     )

@@ -2,8 +2,8 @@
 
 One table per concept: teacher, pruned, DDPM-only and KD-only (shared by every unlearner: same seed, same arms),
 then two-stage and bilevel per unlearner. One seed (or identical rates on every seed): the Wilson interval of the
-rate; several seeds: the mean and a t-interval of the per-seed rates (each seed's own Wilson interval is in its
-metrics.json).
+rate; several seeds: the mean and a t-interval of the per-seed rates, widened to at least the samples' own
+uncertainty (from each seed's Wilson interval in its metrics.json).
 
     python -m bilevel.plugins.worlds.digits.tables runs/digits/*/ [--grid docs/img/digits-seven.png --concept seven]
 """
@@ -15,7 +15,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from bilevel.core.stats import format_rate, mean_interval
+from bilevel.core.stats import format_rate, rate_over_seeds
 
 RATES = (("concept_rate", "concept rate"), ("retained_accuracy", "retained acc"), ("collateral", "collateral"))
 SHARED = ("teacher", "pruned", "ddpm", "kd")
@@ -44,8 +44,9 @@ def cell(rows: dict[int, dict], key: str) -> str:
         return "-"
     if len(set(values)) == 1:  # one seed, or an arm the training seed does not touch (teacher, pruned): Wilson
         return format_rate(values[0], next(iter(rows.values())).get(f"{key}_ci"))
-    mean, low, high = mean_interval(values)
-    return format_rate(mean, (max(0.0, low), min(1.0, high)))
+    known = [r.get(f"{key}_ci") for r in rows.values() if r.get(key) is not None]
+    mean, low, high = rate_over_seeds(values, known if all(known) else None)
+    return format_rate(mean, (low, high))
 
 
 def markdown(table: dict[str, dict[str, dict[int, dict]]]) -> str:
