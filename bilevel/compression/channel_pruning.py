@@ -275,9 +275,9 @@ def ratio_for_macs(
 
 
 #: teachers with more parameters than this are searched on a weightless copy (the meta device): there copying the
-#: weights and running two forward passes per try dominate (SD-v1's UNet: 17 s per try instead of 172 s on one
-#: CPU core); below it torch-pruning's bookkeeping, which grows on meta tensors, costs more (tiny teacher: 6.5 s
-#: per try instead of 2.5 s). Both give the same channel counts (tested).
+#: weights and running two forward passes per try dominate (SD-v1's UNet: 22 s per try instead of 145 s on one
+#: CPU core); below it torch-pruning's bookkeeping, which grows on meta tensors, costs more (tiny teacher: 10.8 s
+#: per try instead of 3.5 s). Both give the same channel counts (tested; benchmarks/bench_mac_search.py).
 WEIGHTLESS_SEARCH_PARAMS = 50_000_000
 
 
