@@ -142,9 +142,8 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
             result = _finished_result(out)
             from bilevel.commands.robustness import ROBUSTNESS_FILE, attack_arms
 
+            # finished, but stopped before its attacks
             if config.robustness.enabled and not (out / ROBUSTNESS_FILE).is_file() and processes().is_main:
-                # finished, but stopped before its attacks
-
                 console.print(f"run in {out} finished before its attacks; attacking its arms")
                 attack_arms(out, config, [row["model"] for row in result.rows])
             else:

@@ -21,7 +21,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from bilevel.compression.model_stats import _Wrapped, count_macs, example_inputs
+from bilevel.compression.model_stats import _Wrapped, count_macs, count_params, example_inputs
 from bilevel.core.interfaces import CalibrationBatch, FeaturePair, PluginConfig, Pruner, PruneResult
 from bilevel.diffusion.features import sd_block_names
 
@@ -287,7 +287,7 @@ def search_stand_in(teacher: nn.Module, weightless: bool | None = None) -> tuple
     import torch_pruning as tp
 
     if weightless is None:
-        weightless = sum(p.numel() for p in teacher.parameters()) > WEIGHTLESS_SEARCH_PARAMS
+        weightless = count_params(teacher) > WEIGHTLESS_SEARCH_PARAMS
     if not weightless:
         return teacher, tp.importance.MagnitudeImportance(p=1)
     with torch.device("meta"):
