@@ -16,7 +16,7 @@ from bilevel.core.interfaces import UnlearnContext
 from bilevel.diffusion import image_sets
 from bilevel.plugins.unlearners.concept_ablation import ANCHOR_CACHE, ConceptAblation, ConceptAblationConfig
 from bilevel.plugins.unlearners.esd import ESD, ESDConfig, esd_target, select_parameters
-from bilevel.plugins.unlearners.salun import MASK_FILE, SalUn, SalUnConfig, saliency_mask
+from bilevel.plugins.unlearners.salun import SalUn, SalUnConfig, saliency_mask
 from bilevel.toolkit import PromptBank
 from bilevel.worlds.tiny.architecture import build_tiny_pipeline
 from bilevel.worlds.tiny.dataset import PromptMix, make_dataset
@@ -457,7 +457,7 @@ def test_salun_mask_saved_reused_and_restored(pipe, tmp_path: Path, monkeypatch:
     cfg = SalUnConfig(mask_samples=8, mask_batch_size=8)
     first = SalUn(cfg)
     first.prepare(ctx)
-    assert (tmp_path / MASK_FILE).is_file()
+    assert len(list(tmp_path.glob("salun_mask-*.safetensors"))) == 1
     state = first.state_dict()
     assert state and all(v.dtype == torch.bool for v in state.values())
 
@@ -474,6 +474,25 @@ def test_salun_mask_saved_reused_and_restored(pipe, tmp_path: Path, monkeypatch:
     assert all(torch.equal(restored.mask[k], first.mask[k]) for k in first.mask)
     with pytest.raises(AssertionError, match="reused"):  # another fraction -> recomputed
         SalUn(SalUnConfig(mask_fraction=0.2, mask_samples=8, mask_batch_size=8)).prepare(ctx)
+    # another student (a two-stage arm's KD student in the same run folder) -> its own saliency, not the saved one
+    with torch.no_grad():
+        next(ctx.student.parameters()).add_(0.01)
+    with pytest.raises(AssertionError, match="reused"):
+        SalUn(cfg).prepare(ctx)
+
+
+def test_salun_masks_of_two_students_are_kept_apart(pipe, tmp_path: Path) -> None:
+    ctx = tiny_ctx(pipe, run_dir=tmp_path)
+    cfg = SalUnConfig(mask_samples=8, mask_batch_size=8)
+    first = SalUn(cfg)
+    first.prepare(ctx)
+    with torch.no_grad():
+        for p in ctx.student.parameters():
+            p.mul_(-1.5)  # another model state: its saliency ranks weights differently
+    second = SalUn(cfg)
+    second.prepare(ctx)
+    assert len(list(tmp_path.glob("salun_mask-*.safetensors"))) == 2
+    assert any(not torch.equal(first.mask[k], second.mask[k]) for k in first.mask)
 
 
 def replace_run_dir(ctx: UnlearnContext, run_dir: Path | None) -> UnlearnContext:

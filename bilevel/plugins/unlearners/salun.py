@@ -20,6 +20,7 @@ frozen reference instead; `bilevel unlearn` uses it (with alpha 5) when SalUn ru
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +41,15 @@ from bilevel.toolkit import (
     concept_in,
     explicit_prompts,
     generate_or_load,
+    model_fingerprint,
     noised,
     non_concept_colours,
     prediction_type,
     replace_concept,
+    tensor_fingerprint,
 )
 
-MASK_FILE = "salun_mask.safetensors"
+MASK_FILE = "salun_mask.safetensors"  # named per mask: salun_mask-<digest of its meta>.safetensors
 FORGET_CACHE = "salun_forget.safetensors"
 RETAIN_CACHE = "salun_retain.safetensors"
 MASK_PREFIX = "mask."
@@ -214,8 +217,19 @@ class SalUn(Unlearner):
             "mask_guidance": repr(cfg.mask_guidance),
             "mask_samples": str(cfg.mask_samples),
             "forget_prompts": json.dumps(sorted(set(self._forget_prompts))),
+            "forget_images": tensor_fingerprint(self._forget),
             "seed": str(ctx.seed),
+            # the saliency of the model being unlearned: a two-stage arm's KD student gets its own mask, not the
+            # one of the pruned student another arm of the same run computed
+            "student": model_fingerprint(ctx.student),
         }
+
+    @staticmethod
+    def mask_path(run_dir: Path, meta: dict[str, str]) -> Path:
+        """One file per mask meta, so arms of one run that unlearn different students keep their own masks."""
+        digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+        name = Path(MASK_FILE)
+        return Path(run_dir) / f"{name.stem}-{digest}{name.suffix}"
 
     def _read_cached_mask(
         self, path: Path, meta: dict[str, str], params: dict[str, nn.Parameter]
@@ -243,8 +257,8 @@ class SalUn(Unlearner):
             raise BilevelError("salun found no trainable parameters in the student (all have requires_grad=False)")
         if self.mask is not None and set(self.mask) == set(params):
             return  # restored by load_state_dict
-        path = Path(ctx.run_dir) / MASK_FILE if ctx.run_dir is not None else None
         meta = self._mask_meta(ctx)
+        path = self.mask_path(ctx.run_dir, meta) if ctx.run_dir is not None else None
         if path is not None and path.is_file():
             cached = self._read_cached_mask(path, meta, params)
             if cached is not None:
