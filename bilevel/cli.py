@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="continue the interrupted run in --out with its saved config.json (no other flags allowed)")  # fmt: skip
     run.add_argument("--device", help="torch device, e.g. cpu or cuda")
+    run.add_argument("--compile", action="store_true", default=None,
+                     help="torch.compile student and teacher for training (model.compile; not with implicit/unrolled)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override any config value, e.g. --set training.upper_lr=1e-3 --set pruner.options.ratio=0.4")  # fmt: skip
 
@@ -179,6 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "model.source": args.model,
         "model.device": args.device,
         "model.trust_remote_code": args.trust_remote_code,
+        "model.compile": args.compile,
         "world.name": args.world,
         "pruner.name": args.pruner,
         "unlearner.name": args.unlearner,
@@ -214,7 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 #: `run` flags that would change a run; --resume refuses them rather than continue a different run than was started.
 _RUN_FLAGS = (
     "preset", "config", "model", "pruner", "unlearner", "solver", "concept", "steps", "arms", "schedule", "overwrite",
-    "device", "world",
+    "device", "world", "compile",
     "trust_remote_code", "overrides",
 )  # fmt: skip
 

@@ -29,6 +29,8 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
         (["run", "--set", "training.nonsense=1"], "training.nonsense"),
         (["run", "--model", "/nonexistent/model"], "not found"),
         (["run", "--bogus-flag"], "unrecognized arguments"),
+        (["run", "--compile", "--solver", "implicit-gradient"], "double backward"),
+        (["run", "--set", "model.compile_backend=nope"], "unknown torch.compile backend 'nope'; accepted: "),
         (["plugins", "--schema", "nope"], "unknown plugin 'nope'"),
     ],
 )

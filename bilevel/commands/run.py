@@ -34,6 +34,7 @@ from bilevel.optim.baselines import LowerOnly, UpperOnly
 from bilevel.optim.problem import build_problem, upper_updates
 from bilevel.optim.training import TrainState, run_solver
 from bilevel.runtime.checkpoint import ArmState, load_checkpoint, load_unlearner_state, read_state, save_checkpoint
+from bilevel.runtime.compilation import check_solver_compiles, compiled_for_training
 from bilevel.runtime.distributed import (
     barrier,
     broadcast_module,
@@ -115,6 +116,7 @@ def resolve_plugins(config: RunConfig):
     pruner = reg.create("pruner", config.pruner.name, config.pruner.options)
     unlearner = reg.create("unlearner", config.unlearner.name, config.unlearner.options)
     solver = reg.create("solver", config.solver.name, config.solver.options)  # an unsupported coupling fails here
+    check_solver_compiles(config.model, solver)
     return pruner, unlearner, solver
 
 
@@ -308,10 +310,11 @@ class Run:
                 save_checkpoint(ckpt, arm_state, s, steps)
 
         try:
-            history = run_solver(
-                problem, arm_solver, steps, description=f"{arm} fine-tuning", log_every=tc.log_every, state=state,
-                on_step=on_step,
-            )  # fmt: skip
+            with compiled_for_training(self.config.model, student, self.world.teacher):
+                history = run_solver(
+                    problem, arm_solver, steps, description=f"{arm} fine-tuning", log_every=tc.log_every, state=state,
+                    on_step=on_step,
+                )  # fmt: skip
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(f"{exc}; {_last_good(ckpt)}") from None
         check_in_sync(student, f"{arm} fine-tuning")

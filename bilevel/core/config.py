@@ -61,6 +61,25 @@ class ModelConfig(Section):
         "no", description="autocast for training, sampling and evaluation (weights stay fp32); fp16 needs CUDA"
     )
     gradient_checkpointing: bool = Field(False, description="recompute student activations in backward (less memory)")
+    compile: bool = Field(
+        False,
+        description="torch.compile the student and the frozen teacher for training steps (sampling stays eager); "
+        "pays on a GPU with long runs, costs minutes of compilation first; not with double-backward solvers",
+    )
+    compile_backend: str = Field("inductor", description="torch.compile backend (torch._dynamo.list_backends())")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode (inductor only)"
+    )
+
+    @field_validator("compile_backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        import torch._dynamo
+
+        known = sorted(torch._dynamo.list_backends(exclude_tags=()))
+        if v not in known:
+            raise ValueError(f"unknown torch.compile backend {v!r}; accepted: {', '.join(known)}")
+        return v
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -272,6 +272,7 @@ class BilevelSolver(Plugin):
     kind: ClassVar[str] = "solver"
     Config: ClassVar[type[SolverConfig]] = SolverConfig
     couplings: ClassVar[frozenset[str]] = frozenset({"shared"})
+    second_order: ClassVar[bool] = False  # differentiates through gradients (double backward): no model.compile
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

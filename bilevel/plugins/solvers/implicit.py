@@ -91,6 +91,7 @@ class ImplicitSolver(CoupledSolver):
     """
 
     name = "implicit-gradient"
+    second_order = True
     description = "Implicit-function-theorem hypergradient with CG or Neumann and autograd or finite-difference HVPs."
     Config = ImplicitConfig
     api_version = 2

@@ -50,6 +50,7 @@ class UnrolledSolver(CoupledSolver):
     """
 
     name = "unrolled"
+    second_order = True
     description = "Reverse-mode hypergradient through K (optionally truncated) lower SGD steps."
     Config = UnrolledConfig
     api_version = 2
