@@ -12,7 +12,7 @@ from torch import nn
 from bilevel.cli import main
 from bilevel.compression.student_io import load_student
 from bilevel.core.config import ModelConfig
-from bilevel.runtime.compilation import compiled_for_training
+from bilevel.runtime.compilation import compiled_for_training, eager
 
 
 def small_net() -> nn.Module:
@@ -30,6 +30,9 @@ def test_models_run_compiled_inside_the_block_and_eager_after() -> None:
         assert net._compiled_call_impl is not None
         assert torch.allclose(net(x), eager_out)
         assert list(net.state_dict()) == keys  # in place: checkpoints and saved students keep their names
+        with eager(net):  # a curve point in the middle of training samples eagerly
+            assert net._compiled_call_impl is None
+        assert net._compiled_call_impl is not None
     assert net._compiled_call_impl is None and shared._compiled_call_impl is not None
     with compiled_for_training(ModelConfig(), net):  # off by default: nothing compiled
         assert net._compiled_call_impl is None

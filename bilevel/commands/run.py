@@ -34,7 +34,7 @@ from bilevel.optim.baselines import LowerOnly, UpperOnly
 from bilevel.optim.problem import build_problem, upper_updates
 from bilevel.optim.training import TrainState, run_solver
 from bilevel.runtime.checkpoint import ArmState, load_checkpoint, load_unlearner_state, read_state, save_checkpoint
-from bilevel.runtime.compilation import check_solver_compiles, compiled_for_training
+from bilevel.runtime.compilation import check_solver_compiles, compiled_for_training, eager
 from bilevel.runtime.distributed import (
     barrier,
     broadcast_module,
@@ -567,7 +567,8 @@ def _curve_point(state: TrainState, student: nn.Module, world, config: RunConfig
     ev = config.evaluation
     update = {"samples_per_prompt": ev.curve_samples, "concept_samples": ev.curve_samples, "secondary": False}
     small = config.model_copy(update={"evaluation": ev.model_copy(update=update)})
-    metrics = evaluate_world(student, world, small).metrics
+    with eager(student, world.teacher):  # under model.compile: sampling's shapes would each recompile
+        metrics = evaluate_world(student, world, small).metrics
     keys = ("concept_rate", "retained_accuracy", "clip_score")
     point = {f"eval_{k}": float(metrics[k]) for k in keys if metrics.get(k) is not None}
     if state.history and state.history[-1]["step"] == state.step:

@@ -43,3 +43,17 @@ def compiled_for_training(config: ModelConfig, *models: nn.Module) -> Iterator[N
     finally:
         for model in mine:
             model._compiled_call_impl = None  # nn.Module.compile's own attribute: back to the eager forward
+
+
+@contextlib.contextmanager
+def eager(*models: nn.Module) -> Iterator[None]:
+    """Within the block, compiled models run their eager forward (an evaluation in the middle of compiled
+    training: sampling's batch shapes would each recompile); compiled again after it."""
+    saved = [(m, getattr(m, "_compiled_call_impl", None)) for m in dict.fromkeys(models)]
+    for model, _ in saved:
+        model._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for model, compiled in saved:
+            model._compiled_call_impl = compiled
