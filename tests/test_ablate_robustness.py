@@ -171,6 +171,27 @@ def test_an_unattacked_grid_reports_as_before(tmp_path):
     assert "attack:" not in (tmp_path / "report.csv").read_text()
 
 
+def test_arms_attacked_by_hand_join_the_report(tmp_path):
+    """`bilevel attack CELL/students/ARM --out CELL/robustness/ARM` on a grid run without --robustness: the report
+    reads each arm's attacks.json, so a chosen subset of a finished grid gets its robustness verdicts."""
+    grid, outcome = _fake_grid(tmp_path, [0, 1], attacked=False)
+    for cell in outcome.cells:
+        for arm in ("bilevel", "two-stage"):
+            if arm in cell.arms:
+                folder = cell_folder(tmp_path, cell) / "robustness" / arm
+                folder.mkdir(parents=True)
+                (folder / "attacks.json").write_text(json.dumps(_report(arm, GOOD[arm], ["purple"])))
+    records = collect(tmp_path, outcome.cells)
+    bilevel = next(r for r in records if r.arm == "bilevel")
+    assert bilevel.metrics["attack:paraphrase"] == 0.0 and "attack:paraphrase" not in next(
+        r for r in records if r.arm == "two-stage-tuned"
+    ).metrics  # not attacked: no rate
+    checks = check_claim(aggregate(records), grid.claim_margin)
+    against = {c.two_stage.method: c for c in checks}
+    assert against["two-stage"].robustness == {"paraphrase": "holds", "relearn-benign": "holds"}
+    assert against["two-stage (tuned)"].robustness == {}
+
+
 def test_several_concepts_are_pooled():
     record = Record("c", "bilevel", "bilevel", "p", "u", "s", 0, {})
     report = _report("bilevel", (0, 10, 30), ["purple", "orange"])

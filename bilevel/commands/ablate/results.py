@@ -149,12 +149,14 @@ def collect(out: Path, cells: list[Cell]) -> list[Record]:
 
 
 def _robustness_reports(folder: Path) -> dict[str, dict[str, Any]]:
-    """arm -> its attack report, from the cell's robustness.json (none: the cell ran without --robustness, or its
-    attacks were interrupted before the file was written)."""
+    """arm -> its attack report: the cell's robustness.json, plus any arm attacked on its own into
+    robustness/<arm>/attacks.json (`bilevel attack CELL/students/ARM --out CELL/robustness/ARM`: a chosen subset of
+    a finished grid attacked by hand, or `--robustness` attacks interrupted before robustness.json was written)."""
     path = folder / ROBUSTNESS_FILE
-    if not path.is_file():
-        return {}
-    return dict(json.loads(path.read_text()).get("reports") or {})
+    reports = dict(json.loads(path.read_text()).get("reports") or {}) if path.is_file() else {}
+    for found in sorted((folder / "robustness").glob("*/attacks.json")):
+        reports.setdefault(found.parent.name, json.loads(found.read_text()))
+    return reports
 
 
 def add_attacks(record: Record, report: dict[str, Any]) -> None:
