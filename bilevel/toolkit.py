@@ -9,7 +9,7 @@ everything a built-in does without reaching into engine modules whose layout may
 - image sets: `generate_or_load` (teacher samples cached beside the run, or in the grid's shared cache),
   `load_png_folder`; caches of your own: `preparation_cache` (an unlearner's one-off tensors, shared by runs through
   ctx.cache_dir) or `cached_tensors`, with `model_fingerprint` / `tensor_fingerprint` in the metadata (reused only
-  when made alike);
+  when made alike) and `digested_name` for one file per metadata;
 - the retain extension: `draw_retain`, `RetainBatch`;
 - parameter subsets: `select_subset`, `attention_modules`;
 - compression: `prune_unet_channels` (one channel engine, any torch-pruning importance), `check_forward`,
@@ -45,6 +45,7 @@ from bilevel.diffusion.conditioning_swap import (
 )
 from bilevel.diffusion.image_sets import (
     cached_tensors,
+    digested_name,
     generate_or_load,
     load_png_folder,
     model_fingerprint,
@@ -185,6 +186,7 @@ __all__ = [
     "concept_in",
     "conflict_averse_weight",
     "conjugate_gradient",
+    "digested_name",
     "dot",
     "double_backward_attention",
     "draw_generator",

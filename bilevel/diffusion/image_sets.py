@@ -58,9 +58,15 @@ def preparation_cache(
     pruner with the same frozen teacher and seed) reads them instead; otherwise it lives in the run's own folder."""
     if ctx.cache_dir is None:
         return cached_tensors(ctx.run_dir, filename, meta, keys, compute)
+    return cached_tensors(Path(ctx.cache_dir) / "unlearner", digested_name(filename, meta), meta, keys, compute)
+
+
+def digested_name(filename: str, meta: dict[str, str]) -> str:
+    """filename with a digest of `meta` before its suffix ('pool.safetensors' -> 'pool-<digest>.safetensors'): one
+    file per distinct content, so caches made from other models or settings sit side by side."""
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
     name = Path(filename)
-    return cached_tensors(Path(ctx.cache_dir) / "unlearner", f"{name.stem}-{digest}{name.suffix}", meta, keys, compute)
+    return f"{name.stem}-{digest}{name.suffix}"
 
 
 def cached_tensors(

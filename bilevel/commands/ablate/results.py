@@ -155,7 +155,8 @@ def _robustness_reports(folder: Path) -> dict[str, dict[str, Any]]:
     path = folder / ROBUSTNESS_FILE
     reports = dict(json.loads(path.read_text()).get("reports") or {}) if path.is_file() else {}
     for found in sorted((folder / "robustness").glob("*/attacks.json")):
-        reports.setdefault(found.parent.name, json.loads(found.read_text()))
+        if found.parent.name not in reports:
+            reports[found.parent.name] = json.loads(found.read_text())
     return reports
 
 

@@ -84,8 +84,8 @@ CELL_HEADERS = ["cell", "arms", "state", "wall time", "note"]
 ROBUSTNESS_TITLE = "Robustness (concept rate under attack, 95% interval)"
 ROBUSTNESS_NOTE = (
     "Erased or dormant? Each cell's arms were attacked after training (`--robustness`, or `bilevel attack` into the "
-    "cell's robustness/<arm>/). An attack's rate is the attacker's best over the variants or checkpoints it tried; *no attack* is the same measurement on the "
-    "untouched model. Against each attack bilevel holds when, at 95% confidence, its concept rate under that attack "
+    "cell's robustness/<arm>/). An attack's rate is the attacker's best over the variants or checkpoints it tried; "
+    "*no attack* is the same measurement on the untouched model. Against each attack bilevel holds when, at 95% confidence, its concept rate under that attack "
     "is at most two-stage's plus the margin, fails when it is confidently higher, and is inconclusive otherwise."
 )
 

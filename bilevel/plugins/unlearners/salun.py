@@ -20,7 +20,6 @@ frozen reference instead; `bilevel unlearn` uses it (with alpha 5) when SalUn ru
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from bilevel.toolkit import (
     PromptMapping,
     atomic_save_tensors,
     concept_in,
+    digested_name,
     explicit_prompts,
     generate_or_load,
     model_fingerprint,
@@ -224,13 +224,6 @@ class SalUn(Unlearner):
             "student": model_fingerprint(ctx.student),
         }
 
-    @staticmethod
-    def mask_path(run_dir: Path, meta: dict[str, str]) -> Path:
-        """One file per mask meta, so arms of one run that unlearn different students keep their own masks."""
-        digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-        name = Path(MASK_FILE)
-        return Path(run_dir) / f"{name.stem}-{digest}{name.suffix}"
-
     def _read_cached_mask(
         self, path: Path, meta: dict[str, str], params: dict[str, nn.Parameter]
     ) -> dict[str, torch.Tensor] | None:
@@ -258,7 +251,8 @@ class SalUn(Unlearner):
         if self.mask is not None and set(self.mask) == set(params):
             return  # restored by load_state_dict
         meta = self._mask_meta(ctx)
-        path = self.mask_path(ctx.run_dir, meta) if ctx.run_dir is not None else None
+        # one file per mask meta: arms of one run that unlearn different students keep their own masks
+        path = Path(ctx.run_dir) / digested_name(MASK_FILE, meta) if ctx.run_dir is not None else None
         if path is not None and path.is_file():
             cached = self._read_cached_mask(path, meta, params)
             if cached is not None:
