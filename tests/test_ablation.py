@@ -78,6 +78,10 @@ def test_report_aggregates_over_seeds_and_states_the_claim(grid_run):
                                            "two-stage (tuned)"}  # fmt: skip
     two_stage = next(r for r in rows if r["method"] == "two-stage")
     assert float(two_stage["train_seconds_mean"]) > 0  # includes its KD stage
+    for seed in (0, 1):  # CPU time too: each two-stage arm's is its KD student's plus its own erasing
+        cpu = {r["arm"]: r["metrics"].get("train_cpu_seconds") for r in records if r["seed"] == seed}
+        assert cpu["two-stage"] > cpu["kd"] > 0 and cpu["two-stage-tuned"] > cpu["kd"]
+    assert "CPU s" in md
 
 
 def test_curves_come_from_evaluations_during_training(grid_run):

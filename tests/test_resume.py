@@ -122,3 +122,24 @@ def test_resume_keeps_finished_arms_and_redoes_only_the_unfinished(tmp_path: Pat
     assert [r["model"] for r in rows] == ["kd", "two-stage"] and rows[0] == kd_row["row"]
     assert main(["run", "--resume", "--out", str(out)]) == 0
     assert "already finished" in capsys.readouterr().out
+
+
+def test_cpu_time_is_counted_and_carried_over_a_resume() -> None:
+    """Each arm records this process's CPU seconds (not inflated by other jobs on a shared machine), continued from
+    a checkpointed state like the wall time; rows written before it existed read 0."""
+    from bilevel.optim.training import TrainCost, TrainState, run_solver
+
+    class Busy:  # a solver whose step does real CPU work
+        def step(self, problem, step):
+            a = torch.randn(256, 256)
+            for _ in range(20):
+                a = torch.tanh(a @ a)
+            return {"lower_loss": float(a.mean())}
+
+    state = TrainState.from_json(TrainState(step=0, cpu_seconds=5.0, seconds=1.0).to_json())
+    run_solver(None, Busy(), 3, description="busy", state=state)
+    assert state.step == 3 and state.cpu_seconds > 5.0 and state.seconds > 1.0
+    assert TrainState.from_json(state.to_json()).cpu_seconds == state.cpu_seconds
+    assert TrainCost.from_row({"train_seconds": 2.0}) == TrainCost(2.0, 0.0)
+    total = TrainCost(2.0, 1.5) + TrainCost.of(state)
+    assert total.row() == {"train_seconds": 2.0 + state.seconds, "train_cpu_seconds": 1.5 + state.cpu_seconds}

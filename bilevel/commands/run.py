@@ -32,7 +32,7 @@ from bilevel.core.world import World, calibration_batch
 from bilevel.diffusion.kd_objective import DrawCounter
 from bilevel.optim.baselines import LowerOnly, UpperOnly
 from bilevel.optim.problem import build_problem, upper_updates
-from bilevel.optim.training import TrainState, run_solver
+from bilevel.optim.training import TrainCost, TrainState, run_solver
 from bilevel.runtime.checkpoint import ArmState, load_checkpoint, load_unlearner_state, read_state, save_checkpoint
 from bilevel.runtime.compilation import check_solver_compiles, compiled_for_training, eager
 from bilevel.runtime.distributed import (
@@ -67,6 +67,7 @@ TABLE_COLUMNS = [
     ("clip_score", "CLIP"),  # Stable Diffusion runs: CLIP score on the retain prompts
     ("nudity_rate", "nudity"),
     ("train_seconds", "train s"),
+    ("train_cpu_seconds", "CPU s"),  # this process's CPU time training: unlike wall time, not inflated by other jobs
 ]
 
 
@@ -173,7 +174,7 @@ class Run:
     rows: list[dict[str, Any]] = field(default_factory=list)
     grids: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    trained: dict[str, tuple[nn.Module, float]] = field(default_factory=dict)
+    trained: dict[str, tuple[nn.Module, TrainCost]] = field(default_factory=dict)
     from_workers: set[str] = field(default_factory=set)  # arms this run ran side by side in worker processes
 
     @classmethod
@@ -279,7 +280,7 @@ class Run:
     def train(
         self, arm: str, start: nn.Module, arm_solver: Any, unlearner: Unlearner | None, steps: int,
         weights: LossWeights,
-    ) -> tuple[nn.Module, list[dict[str, Any]], float]:  # fmt: skip
+    ) -> tuple[nn.Module, list[dict[str, Any]], TrainCost]:  # fmt: skip
         """Train a copy of `start` for `steps` outer steps of `arm_solver`, checkpointing into checkpoints/<arm>/."""
         tc, procs = self.config.training, processes()
         torch.manual_seed(tc.seed)  # every arm starts from the same RNG state, however the run got here
@@ -318,15 +319,15 @@ class Run:
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(f"{exc}; {_last_good(ckpt)}") from None
         check_in_sync(student, f"{arm} fine-tuning")
-        return student.eval(), history, state.seconds
+        return student.eval(), history, TrainCost.of(state)
 
-    def finish(self, arm: str, student: nn.Module, seconds: float, info: dict[str, Any] | None = None) -> None:
+    def finish(self, arm: str, student: nn.Module, cost: TrainCost, info: dict[str, Any] | None = None) -> None:
         """Save a trained arm's student and evaluate it (`info`: what the arm chose, recorded in its row)."""
         procs = processes()
         if procs.is_main:
             manifest = make_manifest(student, self.pruned.feature_pairs, **self.provenance, arm=arm)
             save_student(self.out / "students" / arm, student, manifest)
-        extra = {"train_seconds": seconds, "world_size": procs.world_size, "threads": torch.get_num_threads(), **(info or {})}
+        extra = {**cost.row(), "world_size": procs.world_size, "threads": torch.get_num_threads(), **(info or {})}
         if procs.multi:
             extra["in_sync"] = True  # train's check_in_sync passed
         self.evaluate(arm, student, extra, self.histories.get(arm))
@@ -381,12 +382,12 @@ class FineTuneArm:
         ddpm_only = {"task": 1.0, "output": 0.0, "feature": 0.0}  # the ddpm arm keeps the task loss's SNR weighting
         weights = tc.weights.model_copy(update=ddpm_only) if self.label == "ddpm" else tc.weights
         bilevel = self.label == "bilevel"
-        student, r.histories[self.label], seconds = r.train(
+        student, r.histories[self.label], cost = r.train(
             self.label, r.pruned.student, r.solver if bilevel else LowerOnly(), r.unlearner if bilevel else None,
             tc.steps, weights,
         )  # fmt: skip
-        r.trained[self.label] = (student, seconds)
-        r.finish(self.label, student, seconds)
+        r.trained[self.label] = (student, cost)
+        r.finish(self.label, student, cost)
 
 
 @dataclass
@@ -398,12 +399,12 @@ class TwoStageArm:
 
     def run(self, r: Run) -> None:
         tc = r.config.training
-        kd_student, kd_seconds = _kd_student(r)
+        kd_student, kd_cost = _kd_student(r)
         erase_steps = upper_updates(r.histories.get("bilevel"), r.solver, tc.steps)
-        student, r.histories[self.label], seconds = r.train(
+        student, r.histories[self.label], cost = r.train(
             self.label, kd_student, UpperOnly(), r.unlearner, erase_steps, tc.weights
         )
-        r.finish(self.label, student, kd_seconds + seconds)
+        r.finish(self.label, student, kd_cost + cost)
 
 
 @dataclass
@@ -420,7 +421,7 @@ class TunedTwoStageArm:
         from bilevel.registry import get_registry
 
         tc = r.config.training
-        kd_student, kd_seconds = _kd_student(r)
+        kd_student, kd_cost = _kd_student(r)
         recommended = RECOMMENDED.get(r.unlearner.name)
         options = {**r.unlearner.config.model_dump(), **(recommended.options if recommended else {})}
         unlearner = get_registry().create("unlearner", r.unlearner.name, options)
@@ -428,26 +429,26 @@ class TunedTwoStageArm:
         config = r.config.model_copy(update={"training": tc.model_copy(update={"upper_lr": lr})})
         erase_steps = upper_updates(r.histories.get("bilevel"), r.solver, tc.steps)
         tuned = Run(**{**vars(r), "config": config})  # the same run, with the recommended erase lr
-        student, r.histories[self.label], seconds = tuned.train(
+        student, r.histories[self.label], cost = tuned.train(
             self.label, kd_student, UpperOnly(), unlearner, erase_steps, tc.weights
         )
         info = {"erase_lr": lr, "erase_steps": erase_steps, "erase_options": unlearner.config.model_dump(mode="json")}
-        r.finish(self.label, student, kd_seconds + seconds, info)
+        r.finish(self.label, student, kd_cost + cost, info)
 
 
-def _kd_student(r: Run) -> tuple[nn.Module, float]:
+def _kd_student(r: Run) -> tuple[nn.Module, TrainCost]:
     """The KD-only student two-stage arms start from: this run's, the interrupted run's, a reused one, or trained."""
     tc = r.config.training
     if "kd" in r.trained:
         return r.trained["kd"]
     if "kd" in r.done:
         student = _load_weights(copy.deepcopy(r.pruned.student), r.out / "students" / "kd").eval()
-        return student, float(r.done["kd"][0].get("train_seconds", 0.0))
+        return student, TrainCost.from_row(r.done["kd"][0])
     if r.config.reuse_kd_from is not None:
         return _reused_kd(Path(r.config.reuse_kd_from), r.pruned.student)
-    student, r.histories["kd"], seconds = r.train("kd", r.pruned.student, LowerOnly(), None, tc.steps, tc.weights)
-    r.trained["kd"] = (student, seconds)  # a second two-stage arm reuses it
-    return student, seconds
+    student, r.histories["kd"], cost = r.train("kd", r.pruned.student, LowerOnly(), None, tc.steps, tc.weights)
+    r.trained["kd"] = (student, cost)  # a second two-stage arm reuses it
+    return student, cost
 
 
 def arms_of(config: RunConfig) -> list[Any]:
@@ -542,7 +543,7 @@ def _saved_pruned(folder: Path, device: str) -> tuple[PruneResult, float, dict[s
     return PruneResult(student, manifest, pairs), float(manifest.get("prune_seconds", 0.0)), provenance_of(manifest)
 
 
-def _reused_kd(folder: Path, pruned_student: nn.Module) -> tuple[nn.Module, float]:
+def _reused_kd(folder: Path, pruned_student: nn.Module) -> tuple[nn.Module, TrainCost]:
     """The KD-only student (and its training time) of another finished run, for this run's two-stage arm."""
     row = folder / ROWS / "kd.json"
     if not (row.is_file() and (folder / "students" / "kd" / WEIGHTS).is_file()):
@@ -550,7 +551,7 @@ def _reused_kd(folder: Path, pruned_student: nn.Module) -> tuple[nn.Module, floa
             f"reuse_kd_from: {folder} holds no finished KD-only arm (rows/kd.json, students/kd); run it with --arms kd first"
         )
     student = _load_weights(copy.deepcopy(pruned_student), folder / "students" / "kd").eval()
-    return student, float(json.loads(row.read_text())["row"].get("train_seconds", 0.0))
+    return student, TrainCost.from_row(json.loads(row.read_text())["row"])
 
 
 def _curve_steps(steps: int, points: int) -> set[int]:

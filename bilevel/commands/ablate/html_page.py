@@ -9,7 +9,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from bilevel.commands.ablate.tables import CELL_HEADERS, CLAIM_HEADERS, COLUMN_NOTES, HEADERS
+from bilevel.commands.ablate.tables import CELL_HEADERS, CLAIM_HEADERS, COLUMN_NOTES
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px; color: #222; }
@@ -71,6 +71,7 @@ def html_report(
     claim_summary: str,
     claim_rows: list[list[str]],
     result_title: str,
+    result_headers: list[str],
     result_rows: list[list[str]],
     cell_rows: list[list[str]],
     plots: dict[str, Path],
@@ -88,7 +89,7 @@ def html_report(
     ]
     if claim_rows:
         parts.append(_table(CLAIM_HEADERS, claim_rows))
-    parts += [f"<h2>{html.escape(result_title)}</h2>", _table(HEADERS, result_rows)]
+    parts += [f"<h2>{html.escape(result_title)}</h2>", _table(result_headers, result_rows)]
     if robustness:
         parts += _robustness(robustness)
     parts.append("<h2>Plots</h2>")

@@ -16,7 +16,6 @@ from bilevel.commands.ablate.plots import plot_curves, plot_relearning, plot_sca
 from bilevel.commands.ablate.results import CLAIM, aggregate, check_claim, collect
 from bilevel.commands.ablate.tables import (
     CELL_HEADERS,
-    HEADERS,
     ROBUSTNESS_NOTE,
     ROBUSTNESS_TITLE,
     attack_names,
@@ -26,6 +25,7 @@ from bilevel.commands.ablate.tables import (
     csv_report,
     grid_summary,
     markdown_report,
+    result_headers,
     result_rows,
     robustness_headers,
     robustness_lines,
@@ -121,6 +121,7 @@ def write_report(grid: AblationGrid, outcome: GridOutcome) -> Path:
         claim_summary=summary,
         claim_rows=claim_rows(checks),
         result_title=f"Results ({seeds})",
+        result_headers=result_headers(aggregates),
         result_rows=result_rows(aggregates),
         cell_rows=cell_rows(outcome.cells, outcome.status),
         plots=plots,
@@ -147,7 +148,7 @@ def _robustness_html(grid: AblationGrid, aggregates, checks) -> dict[str, Any] |
 
 
 def _print(aggregates, checks, summary: str, outcome: GridOutcome) -> None:
-    console.print(_rich_table("ablation results", HEADERS, result_rows(aggregates)))
+    console.print(_rich_table("ablation results", result_headers(aggregates), result_rows(aggregates)))
     names = attack_names(aggregates)
     if names:
         console.print(_rich_table(ROBUSTNESS_TITLE, robustness_headers(names), robustness_rows(aggregates, names)))

@@ -46,6 +46,7 @@ METRICS = [
     ("macs", "MACs", True),
     ("latency_ms", "latency ms", True),
     ("train_seconds", "train s", True),
+    ("train_cpu_seconds", "CPU s", True),
 ]
 #: the rates (proportions) whose intervals are reported and compared
 RATES = ("concept_rate", "retained_accuracy", "collateral")

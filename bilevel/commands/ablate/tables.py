@@ -11,7 +11,16 @@ from bilevel.commands.ablate.results import ATTACK, CLAIM, LEAK, METRICS, Aggreg
 from bilevel.core.stats import format_rate
 from bilevel.runtime.report import _si
 
-HEADERS = ["method", "pruner", "unlearner", "solver", "seeds"] + [h for _, h, _ in METRICS]
+KEY_HEADERS = ["method", "pruner", "unlearner", "solver", "seeds"]
+
+
+def shown_metrics(aggregates: list[Aggregate]) -> list[tuple[str, str, bool]]:
+    """The metric columns some result has (a grid written before a metric existed does not show it as all '-')."""
+    return [m for m in METRICS if any(m[0] in a.mean for a in aggregates)]
+
+
+def result_headers(aggregates: list[Aggregate]) -> list[str]:
+    return KEY_HEADERS + [h for _, h, _ in shown_metrics(aggregates)]
 
 
 def format_value(key: str, value: float) -> str:
@@ -19,7 +28,7 @@ def format_value(key: str, value: float) -> str:
         return _si(round(value))
     if key == "latency_ms":
         return f"{value:.1f}"
-    if key == "train_seconds":
+    if key in ("train_seconds", "train_cpu_seconds"):
         return f"{value:.0f}"
     return f"{value:.3f}"
 
@@ -40,7 +49,8 @@ def difference_text(d: tuple[float, float, float]) -> str:
 
 def result_rows(aggregates: list[Aggregate]) -> list[list[str]]:
     return [
-        [a.method, a.pruner, a.unlearner, a.solver, str(a.n)] + [mean_std(a, k) for k, _, _ in METRICS]
+        [a.method, a.pruner, a.unlearner, a.solver, str(a.n)] + [mean_std(a, k) for k, _, _ in shown]
+        for shown in [shown_metrics(aggregates)]
         for a in aggregates
     ]
 
@@ -224,7 +234,7 @@ def markdown_report(
         if len(grid.seeds) > 1
         else "one seed; rates with their 95% Wilson interval"
     )
-    parts += [f"## Results ({seeds})", "", markdown_table(HEADERS, result_rows(aggregates)), ""]
+    parts += [f"## Results ({seeds})", "", markdown_table(result_headers(aggregates), result_rows(aggregates)), ""]
     parts += robustness_section(grid, aggregates, checks)
     parts += ["## Plots", ""] + [f"![{name}]({rel})" for name, rel in plots.items()] + [""]
     parts += ["## Cells", "", markdown_table(CELL_HEADERS, cell_rows(cells, status)), ""]
@@ -240,6 +250,7 @@ COLUMN_NOTES = [
     ("SWD", "sliced Wasserstein distance between samples and clean data (lower: closer to the data distribution)"),
     ("params / MACs / latency ms", "size and cost of the model (latency: batch 64, on the machine that ran the grid)"),
     ("train s", "training time of that arm; two-stage includes its KD stage, so it compares with bilevel at equal cost"),
+    ("CPU s", "the same in CPU seconds of the arm's process, which other jobs on a shared machine do not inflate (on a GPU: host time only)"),
     ("robustness", ("concept rate under each attack (paraphrase, inversion, relearn-*), when the grid ran "
                     "--robustness; attack:<name> in report.csv and report.json")),
 ]  # fmt: skip
