@@ -47,6 +47,7 @@ SETTINGS: list[tuple[str, str, dict[str, Any]]] = [
     ("magnitude", "magnitude", {}),
     ("magnitude round_to=8", "magnitude", {"round_to": 8}),
     ("magnitude prune_heads", "magnitude", {"prune_heads": True}),
+    ("magnitude round_to=8 prune_heads", "magnitude", {"round_to": 8, "prune_heads": True}),
     ("diff-pruning", "diff-pruning", {}),
     ("bk-sdm (small)", "bk-sdm", {}),
     ("bk-sdm base", "bk-sdm", {"variant": "base"}),
