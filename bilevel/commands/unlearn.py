@@ -23,6 +23,7 @@ from bilevel.core.config import RunConfig, build_config
 from bilevel.core.errors import BilevelError, NonFiniteLossError
 from bilevel.core.interfaces import UnlearnContext, Unlearner
 from bilevel.optim.problem import unlearn_context
+from bilevel.optim.training import TrainCost
 from bilevel.runtime.progress import progress_bar
 from bilevel.runtime.report import console, image_grid, results_table, write_json
 from bilevel.runtime.seeding import draw_generator
@@ -178,7 +179,7 @@ def unlearn_model(
     ctx = unlearn_context(student, reference, world, out, seed)  # reference: the model being erased
     t0, c0 = time.perf_counter(), time.process_time()
     history = train_unlearner(unlearner, ctx, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
-    cost = {"train_seconds": time.perf_counter() - t0, "train_cpu_seconds": time.process_time() - c0}
+    cost = TrainCost(time.perf_counter() - t0, time.process_time() - c0)
     info = {"unlearner": unlearner.name, "options": unlearner.config.model_dump(mode="json"), "concepts": concepts,
             "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "source": model}  # fmt: skip
     previous = extras.pop("unlearned", [])  # a student erased before keeps the record of every pass
@@ -186,7 +187,7 @@ def unlearn_model(
     provenance = {"teacher": absolute_source(ref.pipeline), "world": world.name}
     manifest = make_manifest(student, [], **{**extras, **provenance}, unlearned=[*previous, info])
     save_student(out, student, manifest)
-    after = measure("after", student, cost) if evaluate else {}
+    after = measure("after", student, cost.row()) if evaluate else {}
     write_json(out / RESULT_FILE, {**info, "world": world.name, "before": before, "after": after, "history": history})
     if evaluate:
         columns = [(k, world.quality_metric.upper() if k == "quality_distance" else h) for k, h in COLUMNS]

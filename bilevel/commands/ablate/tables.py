@@ -48,11 +48,8 @@ def difference_text(d: tuple[float, float, float]) -> str:
 
 
 def result_rows(aggregates: list[Aggregate]) -> list[list[str]]:
-    return [
-        [a.method, a.pruner, a.unlearner, a.solver, str(a.n)] + [mean_std(a, k) for k, _, _ in shown]
-        for shown in [shown_metrics(aggregates)]
-        for a in aggregates
-    ]
+    shown = shown_metrics(aggregates)
+    return [[a.method, a.pruner, a.unlearner, a.solver, str(a.n)] + [mean_std(a, k) for k, _, _ in shown] for a in aggregates]
 
 
 def claim_rows(checks: list[ClaimCheck]) -> list[list[str]]:
