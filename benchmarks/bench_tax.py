@@ -2,7 +2,7 @@
 
 Both paths train a copy of the same BK-SDM-pruned student of the tiny world's teacher on the same batches, with
 the same loss (task + output KD + feature KD, the run's default weights), the same AdamW (lower lr, weight decay
-0) and the same warm-up LambdaLR:
+0, fused on a CPU) and the same warm-up LambdaLR:
 
   * bilevel: the `kd` arm of `bilevel run` as the runner builds it: `build_problem(..., unlearner=None)` stepped
     by the `LowerOnly` solver inside ONE `run_solver` call, so each step pays everything the run pays per step:
@@ -83,7 +83,9 @@ class BareKD:
         for p in self.pairs:  # registered once, for good
             s_mods[p.student].register_forward_hook(_store(self.s_feats, p.student))
             t_mods[p.teacher].register_forward_hook(_store(self.t_feats, p.teacher))
-        self.opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+        # what a speed-aware hand-written loop uses on a CPU (and what bilevel.optim.adamw builds): the fused kernel
+        fused = {"fused": True} if self.device.type == "cpu" else {}
+        self.opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, **fused)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

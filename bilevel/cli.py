@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--pruners", help="comma-separated pruner names (default: every built-in)")
     ab.add_argument("--unlearners", help="comma-separated unlearner names (default: every built-in)")
     ab.add_argument("--solvers", help="comma-separated solver names (default: alternating)")
-    ab.add_argument("--seeds", help="comma-separated training seeds (default: 0)")
+    ab.add_argument("--seeds", help="comma-separated training seeds (default: 0,1,2; --quick: 0)")
     ab.add_argument("--baselines", help="comma-separated: teacher,pruned,ddpm,kd,two-stage,two-stage-tuned (default: "
                     "teacher,pruned,kd,two-stage,two-stage-tuned)")  # fmt: skip
     ab.add_argument("--quick", action="store_true", help="bk-sdm x esd,concept-ablation, 300 steps: a few minutes")

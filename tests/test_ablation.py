@@ -159,11 +159,13 @@ def test_bad_grids_fail_before_any_cell_runs(tmp_path, capsys):
 
 def test_grid_planning_shares_baselines_and_quick_preset():
     cells = plan_cells(AblationGrid())
-    assert len(cells) == 1 + 3 + 9  # teacher, one baseline per pruner, every pruner x unlearner
+    assert len(cells) == 1 + 3 * (3 + 9)  # teacher, per seed one baseline per pruner and every pruner x unlearner
+    assert sorted({c.seed for c in cells}) == [0, 1, 2]
     quick = load_grid(None, quick=True)
-    assert quick.pruners == ["bk-sdm"] and quick.base["training.steps"] == 300
+    assert quick.pruners == ["bk-sdm"] and quick.base["training.steps"] == 300 and quick.seeds == [0]
+    assert load_grid(None, quick=True, overrides={"seeds": [3, 4]}).seeds == [3, 4]  # flags win over --quick
     assert quick.base["evaluation.curve_points"] == 3 and quick.base["evaluation.curve_samples"] == 4
-    no_two_stage = plan_cells(AblationGrid(baselines=["teacher", "pruned"]))
+    no_two_stage = plan_cells(AblationGrid(baselines=["teacher", "pruned"], seeds=[0]))
     assert all(c.depends_on is None for c in no_two_stage)
     assert [c.arms for c in no_two_stage if c.kind == "baseline"] == [("pruned",)] * 3
 

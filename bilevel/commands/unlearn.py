@@ -22,6 +22,7 @@ from bilevel.compression.student_io import make_manifest, save_student
 from bilevel.core.config import RunConfig, build_config
 from bilevel.core.errors import BilevelError, NonFiniteLossError
 from bilevel.core.interfaces import UnlearnContext, Unlearner
+from bilevel.optim.adamw import adamw
 from bilevel.optim.problem import unlearn_context
 from bilevel.optim.training import TrainCost
 from bilevel.runtime.progress import progress_bar
@@ -85,7 +86,7 @@ def train_unlearner(
     chosen = {id(p) for p in params.values()}
     for p in student.parameters():
         p.requires_grad_(id(p) in chosen)
-    opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
+    opt = adamw(params.values(), lr)
     history: list[dict[str, float]] = []
     with progress_bar(f"unlearning ({unlearner.name})", total=steps) as advance:
         for step in range(steps):

@@ -15,6 +15,7 @@ from bilevel.core.interfaces import BilevelProblem, Coupling, FeaturePair, Objec
 from bilevel.core.world import World
 from bilevel.diffusion.kd_objective import DrawCounter, make_lower_objective
 from bilevel.diffusion.noise import prediction_type
+from bilevel.optim.adamw import adamw
 from bilevel.optim.training import warmup_schedule
 from bilevel.runtime.distributed import average_gradients_before_step, main_first, processes, shard
 from bilevel.runtime.precision import attach_loss_scaler, under_autocast
@@ -180,10 +181,10 @@ def optimisers(
     averaging and, under fp16, a loss scaler on each."""
     tc = config.training
     if upper_params:
-        upper_opt = torch.optim.AdamW(upper_params.values(), lr=tc.upper_lr, weight_decay=0.0)
+        upper_opt = adamw(upper_params.values(), tc.upper_lr, device)
     else:  # a one-level arm: a no-op optimiser keeps every solver's code path the same
         upper_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
-    lower_opt = torch.optim.AdamW(lower_params.values(), lr=tc.lower_lr, weight_decay=0.0)
+    lower_opt = adamw(lower_params.values(), tc.lower_lr, device)
     average_gradients_before_step(lower_opt, upper_opt)  # data-parallel: whichever solver steps them
     if config.model.mixed_precision == "fp16":
         for opt in (lower_opt, upper_opt):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bilevel.diffusion.noise import noised
+from bilevel.optim.adamw import adamw
 from bilevel.optim.steps import gradient_step
 from bilevel.runtime.seeding import draw_generator
 
@@ -52,7 +53,7 @@ def relearn(
     params = {n: p for n, p in student.named_parameters()}
     for p in params.values():
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
+    optimizer = adamw(params.values(), lr, device)
     points = sorted({s for s in measure_at if 0 <= s <= steps})
     curve: list[tuple[int, M]] = []
     for step in range(steps + 1):

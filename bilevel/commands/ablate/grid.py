@@ -24,10 +24,12 @@ Baseline = Literal["teacher", "pruned", "ddpm", "kd", "two-stage", "two-stage-tu
 TWO_STAGE = ("two-stage", "two-stage-tuned")
 ALL_BASELINES: list[Baseline] = ["teacher", "pruned", "kd", "two-stage", "two-stage-tuned"]
 
-# The tiny world's default grid: every built-in pruner x every built-in unlearner, alternating, one seed.
+# The tiny world's default grid: every built-in pruner x every built-in unlearner, alternating, three seeds (a
+# verdict over seeds needs more than one; --quick keeps one).
 DEFAULT_PRUNERS = ["bk-sdm", "magnitude", "diff-pruning"]
 DEFAULT_UNLEARNERS = ["esd", "concept-ablation", "salun"]
 DEFAULT_SOLVERS = ["alternating"]
+DEFAULT_SEEDS = [0, 1, 2]
 
 # Every trained arm is evaluated briefly 3 times while training, for the report's curves (4 samples per colour:
 # a full evaluation costs about as much as 100 training steps here, a curve point about 12).
@@ -38,6 +40,7 @@ QUICK = {
     "pruners": ["bk-sdm"],
     "unlearners": ["esd", "concept-ablation"],
     "solvers": ["alternating"],
+    "seeds": [0],
     "base": {
         "training.steps": 300,
         "evaluation.samples_per_prompt": 16,
@@ -54,7 +57,7 @@ class AblationGrid(Section):
     pruners: list[str] = Field(default_factory=lambda: list(DEFAULT_PRUNERS))
     unlearners: list[str] = Field(default_factory=lambda: list(DEFAULT_UNLEARNERS))
     solvers: list[str] = Field(default_factory=lambda: list(DEFAULT_SOLVERS))
-    seeds: list[int] = Field(default_factory=lambda: [0], description="training seeds (data draws, noise)")
+    seeds: list[int] = Field(default_factory=lambda: list(DEFAULT_SEEDS), description="training seeds (data draws, noise)")
     baselines: list[Baseline] = Field(default_factory=lambda: list(ALL_BASELINES))
     options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="plugin name -> its options, for every cell that uses that plugin"
