@@ -52,18 +52,11 @@ def optimiser_ms(model: torch.nn.Module, rounds: int, steps: int) -> dict[str, f
     return {n: statistics.median(v) for n, v in times.items()}
 
 
-def kd_step_ms(rounds: int, steps: int) -> dict[str, float]:
+def kd_step_ms(config: Any, world: Any, pruned: Any, rounds: int, steps: int) -> dict[str, float]:
     """Median CPU ms per KD lower step of the BK-SDM student, with the reference and with the fused AdamW."""
-    from bilevel.core.config import build_config
-    from bilevel.core.world import calibration_batch
     from bilevel.optim.problem import build_problem
     from bilevel.optim.steps import lower_step
-    from bilevel.registry import get_registry
-    from bilevel.worlds.resolve import build_world
 
-    config = build_config({"data": {"finetune_size": 512}})
-    world = build_world(config)
-    pruned = get_registry().create("pruner", "bk-sdm", {}).prune(world.teacher, calibration_batch(world))
     problems = {}
     for name in ("reference", "fused"):
         student = copy.deepcopy(pruned.student).train().requires_grad_(True)
@@ -100,8 +93,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from bilevel.registry import get_registry
     from bilevel.worlds.resolve import build_world
 
-    world = build_world(build_config({"data": {"finetune_size": 512}}))
-    student = get_registry().create("pruner", "bk-sdm", {}).prune(world.teacher, calibration_batch(world)).student
+    config = build_config({"data": {"finetune_size": 512}})
+    world = build_world(config)
+    pruned = get_registry().create("pruner", "bk-sdm", {}).prune(world.teacher, calibration_batch(world))
+    student = pruned.student
     result: dict[str, Any] = {"threads": torch.get_num_threads(), "torch": torch.__version__, "models": {}}
     print(f"AdamW step, CPU ms (median of {args.rounds} interleaved rounds x {args.steps} steps, 1 thread)")
     print(f"{'model':<22}{'tensors':>8}{'params':>10}" + "".join(f"{n:>12}" for n in VARIANTS) + f"{'fused/ref':>11}")
@@ -112,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["models"][label] = {"tensors": tensors, "params": params, "ms": ms}
         print(f"{label:<22}{tensors:>8}{params / 1e6:>9.2f}M" + "".join(f"{ms[n]:>12.2f}" for n in VARIANTS)
               + f"{ms['fused'] / ms['reference']:>11.3f}")  # fmt: skip
-    kd = kd_step_ms(args.rounds, args.kd_steps)
+    kd = kd_step_ms(config, world, pruned, args.rounds, args.kd_steps)
     result["kd_step_ms"] = kd
     print(f"KD lower step of the student, CPU ms: reference AdamW {kd['reference']:.1f}, fused {kd['fused']:.1f}: "
           f"fused/reference {kd['fused'] / kd['reference']:.3f}")  # fmt: skip

@@ -14,11 +14,8 @@ from collections.abc import Iterable
 import torch
 
 
-def adamw(params: Iterable[torch.Tensor], lr: float, device: torch.device | str | None = None) -> torch.optim.AdamW:
-    """AdamW(lr, weight_decay=0) over `params`, fused when they live on a CPU (device: where they live; None:
-    read from the first tensor)."""
+def adamw(params: Iterable[torch.Tensor], lr: float) -> torch.optim.AdamW:
+    """AdamW(lr, weight_decay=0) over `params`, fused when they live on a CPU."""
     params = list(params)
-    if device is None:
-        device = params[0].device if params else "cpu"
-    fused = torch.device(device).type == "cpu" and bool(params)
+    fused = bool(params) and params[0].device.type == "cpu"
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **({"fused": True} if fused else {}))

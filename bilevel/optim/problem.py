@@ -181,10 +181,10 @@ def optimisers(
     averaging and, under fp16, a loss scaler on each."""
     tc = config.training
     if upper_params:
-        upper_opt = adamw(upper_params.values(), tc.upper_lr, device)
+        upper_opt = adamw(upper_params.values(), tc.upper_lr)
     else:  # a one-level arm: a no-op optimiser keeps every solver's code path the same
         upper_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
-    lower_opt = adamw(lower_params.values(), tc.lower_lr, device)
+    lower_opt = adamw(lower_params.values(), tc.lower_lr)
     average_gradients_before_step(lower_opt, upper_opt)  # data-parallel: whichever solver steps them
     if config.model.mixed_precision == "fp16":
         for opt in (lower_opt, upper_opt):

@@ -53,7 +53,7 @@ def relearn(
     params = {n: p for n, p in student.named_parameters()}
     for p in params.values():
         p.requires_grad_(True)
-    optimizer = adamw(params.values(), lr, device)
+    optimizer = adamw(params.values(), lr)
     points = sorted({s for s in measure_at if 0 <= s <= steps})
     curve: list[tuple[int, M]] = []
     for step in range(steps + 1):
